@@ -1,0 +1,53 @@
+"""CLIP4Clip mean pooling ("meanP"), Luo et al. 2021, github.com/ArrowLuo/CLIP4Clip.
+
+    v = (1/T) Σ_t f_t            f_t: CLIP CLS feature of frame t, (B, T, D) -> (B, D)
+    s(t, v) = cos(t, v)          t: CLIP EOS sentence feature
+    L = symmetric InfoNCE with CLIP's learnable temperature
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tvr.backbone import ClipBackbone
+from tvr.losses import clip_logits, symmetric_ce
+from tvr.methods.base import Features, MethodSpec, backbone_head_groups
+
+
+@dataclass(kw_only=True)
+class MeanPCfg:
+    """Mean pooling has no knobs of its own."""
+
+
+class MeanP(nn.Module):
+    def __init__(self, cfg: MeanPCfg, backbone: ClipBackbone):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = backbone
+
+    def encode_text(self, text: Tensor) -> Features:
+        eos, _, _ = self.backbone.encode_text(text)                      # (B, D)
+        return {"text": eos}
+
+    def encode_video(self, frames: Tensor, captions: Tensor | None = None) -> Features:
+        cls, _ = self.backbone.encode_frames(frames)                     # (B, T, D)
+        return {"video": cls.mean(dim=1)}                                # (B, D)
+
+    def similarity(self, text: Features, video: Features) -> Tensor:
+        t = F.normalize(text["text"], dim=-1)                            # (Nt, D)
+        v = F.normalize(video["video"], dim=-1)                          # (Nv, D)
+        return t @ v.t()                                                 # (Nt, Nv)
+
+    def loss(self, text: Features, video: Features) -> dict[str, Tensor]:
+        return {"loss": symmetric_ce(clip_logits(self.similarity(text, video), self.backbone.logit_scale))}
+
+    def param_groups(self, lr: float, backbone_lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        return backbone_head_groups(self, lr, backbone_lr, weight_decay)
+
+
+SPEC = MethodSpec(name="meanp", config_cls=MeanPCfg, build=MeanP,
+                  summary="CLIP4Clip mean pooling of frame features")
