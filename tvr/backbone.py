@@ -45,6 +45,12 @@ def register_tvr_model_configs() -> None:
         open_clip.add_model_config(TVR_MODEL_CONFIGS)
 
 
+def get_tokenizer(name: str):
+    """open_clip's tokenizer for model ``name`` (tvr tiny configs included): list[str] -> (N, L)."""
+    register_tvr_model_configs()
+    return open_clip.get_tokenizer(name)
+
+
 def create_clip(name: str, pretrained: str | None = None) -> nn.Module:
     """Build an open_clip CLIP model. No network access unless ``pretrained`` is a remote tag."""
     register_tvr_model_configs()
@@ -71,7 +77,7 @@ class ClipBackbone(nn.Module):
             raise ValueError(f"model.backbone.name={cfg.name!r}: tvr supports open_clip ViT models only")
         if cfg.grad_checkpointing:
             self.clip.set_grad_checkpointing(True)
-        self.tokenizer = open_clip.get_tokenizer(cfg.name)
+        self.tokenizer = get_tokenizer(cfg.name)
 
     # -- static facts ---------------------------------------------------------------------------
     @property

@@ -1,0 +1,1 @@
+"""ExCae caption self-improvement (CSI) and corpus captioning jobs."""

@@ -1,0 +1,1 @@
+"""Submitting job specs to a Ray cluster (Ray Jobs API)."""

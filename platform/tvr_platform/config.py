@@ -1,0 +1,261 @@
+"""The one typed configuration tree of a tvr job, and its strict YAML + ``key.sub=value`` loader.
+
+Precedence: dataclass defaults < YAML job spec < command-line overrides. Unknown keys, wrong
+types and invalid values fail here, with the file and key named, before any Ray work starts.
+
+The ``model`` section has the shared keys (``method``, ``backbone``) plus one sub-section per
+registered method (``model.tmass``, ``model.vop``, ...), built from the method table
+``tvr.methods.METHODS``; only the section of the chosen ``model.method`` is used and logged.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, make_dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from tvr.backbone import BackboneCfg
+from tvr.methods import METHODS
+from tvr_platform.captions.config import CaptionsCfg
+from tvr_platform.cluster.config import ClusterCfg
+from tvr_platform.data.config import DataCfg
+from tvr_platform.tune.config import TuneCfg
+
+
+class ConfigError(ValueError):
+    """A job spec or override is invalid; the message names the file and key."""
+
+
+@dataclass(kw_only=True)
+class RunCfg:
+    name: str = "quickstart"
+    """Run name: rerunning the same name resumes its latest checkpoint."""
+    work_dir: str = "./tvr-work"
+    """Local directory for runs, caches and (by default) the MLflow store."""
+    seed: int = 0
+    """Seed for model init, sampling and evaluation noise."""
+
+
+@dataclass(kw_only=True)
+class StorageCfg:
+    uri: str = ""
+    """Root storage URI: a local directory or s3://bucket/prefix ('' = <run.work_dir>/storage)."""
+    endpoint_url: str | None = None
+    """S3-compatible endpoint (MinIO, Ceph, moto); None = AWS. Credentials: the AWS chain only."""
+    region: str | None = None
+    """S3 region (None = the AWS chain's default, else us-east-1)."""
+
+
+@dataclass(kw_only=True)
+class TrainCfg:
+    epochs: int = 5
+    """Passes over the training split."""
+    lr: float = 1e-4
+    """Learning rate of the method's new parameters (heads, prompts, experts)."""
+    backbone_lr: float = 1e-6
+    """Learning rate of CLIP backbone parameters (T-MASS uses 1e-6 / 3e-5)."""
+    weight_decay: float = 0.2
+    """AdamW weight decay (not applied to gains, biases, embeddings, temperature)."""
+    warmup_steps: int = 10
+    """Linear warm-up steps before the cosine schedule."""
+    grad_clip: float = 1.0
+    """Gradient-norm clip (0 = off)."""
+    grad_accum: int = 1
+    """Gradient accumulation steps (does not add contrastive negatives)."""
+    num_workers: int = 2
+    """Ray Train workers (processes); 0 = Ray Train local mode in the driver."""
+    use_gpu: bool = False
+    """One GPU per worker."""
+    strategy: Literal["deepspeed", "ddp"] = "ddp"
+    """deepspeed (ZeRO) or plain torch DDP."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage 0-3."""
+    precision: Literal["fp32", "bf16", "auto"] = "auto"
+    """auto = bf16 on GPU, fp32 on CPU."""
+    gather_with_grad: bool = True
+    """Gather features from every worker so negatives span the global batch (open_clip style)."""
+    checkpoints_to_keep: int = 2
+    """Ray Train checkpoints kept per run."""
+    max_failures: int = 0
+    """Worker-group restarts allowed (Ray Train FailureConfig)."""
+    eval_every: int = 1
+    """Evaluate on the test split every N epochs (and after the last)."""
+    max_steps_per_epoch: int = 0
+    """Cap on steps per epoch (0 = the whole split), for smoke runs."""
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError("train.zero_stage must be one of 0, 1, 2, 3")
+        if self.epochs < 1 or self.grad_accum < 1 or self.num_workers < 0:
+            raise ValueError("train.epochs and train.grad_accum must be >= 1, train.num_workers >= 0")
+
+
+@dataclass(kw_only=True)
+class EvalCfg:
+    block_size: int = 1024
+    """Side of the text x video similarity tiles held in memory."""
+    dsl: bool = False
+    """Dual-softmax re-normalisation at inference."""
+    sinkhorn_iters: int = 0
+    """Sinkhorn-Knopp re-normalisation iterations at inference (0 = off)."""
+
+
+@dataclass(kw_only=True)
+class TrackingCfg:
+    uri: str = ""
+    """MLflow tracking URI ('' = sqlite:///<run.work_dir>/mlflow.db)."""
+    experiment: str = "tvr"
+    """MLflow experiment name."""
+    artifact_location: str = ""
+    """Artifact root for a new experiment ('' = <run.work_dir>/mlartifacts; may be s3://)."""
+    registered_model: str = ""
+    """Register the trained model under this name ('' = do not register)."""
+    alias: str = "champion"
+    """Alias moved to the new version when registering."""
+
+
+def _model_cfg_class() -> type:
+    method_sections = [(name, spec.config_cls, field(default_factory=spec.config_cls))
+                       for name, spec in METHODS.items()]
+    return make_dataclass(
+        "ModelCfg",
+        [("method", str, field(default="meanp")),
+         ("backbone", BackboneCfg, field(default_factory=BackboneCfg)), *method_sections],
+        kw_only=True,
+        namespace={"__doc__": "model.method picks the method; model.<method> holds its options."},
+    )
+
+
+ModelCfg = _model_cfg_class()
+
+
+@dataclass(kw_only=True)
+class JobCfg:
+    run: RunCfg = field(default_factory=RunCfg)
+    storage: StorageCfg = field(default_factory=StorageCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    model: ModelCfg = field(default_factory=ModelCfg)  # type: ignore[valid-type]
+    train: TrainCfg = field(default_factory=TrainCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
+    tracking: TrackingCfg = field(default_factory=TrackingCfg)
+    tune: TuneCfg = field(default_factory=TuneCfg)
+    cluster: ClusterCfg = field(default_factory=ClusterCfg)
+    captions: CaptionsCfg = field(default_factory=CaptionsCfg)
+
+    def __post_init__(self) -> None:
+        if self.model.method not in METHODS:
+            raise ValueError(f"model.method={self.model.method!r} is not a tvr method; "
+                             f"choose one of {sorted(METHODS)}")
+
+    # -- derived paths (no side effects) ------------------------------------------------------
+    @property
+    def method_cfg(self) -> Any:
+        return getattr(self.model, self.model.method)
+
+    @property
+    def work_dir(self) -> Path:
+        return Path(self.run.work_dir).expanduser().resolve()
+
+    @property
+    def storage_uri(self) -> str:
+        return self.storage.uri or str(self.work_dir / "storage")
+
+    @property
+    def dataset_uri(self) -> str:
+        return self.data.root or join_uri(self.storage_uri, "datasets", "synthetic")
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.tracking.uri or f"sqlite:///{self.work_dir / 'mlflow.db'}"
+
+    @property
+    def artifact_location(self) -> str:
+        return self.tracking.artifact_location or (self.work_dir / "mlartifacts").as_uri()
+
+
+def join_uri(base: str, *parts: str) -> str:
+    """Join path parts onto a local path or URI with '/'."""
+    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts if p)])
+
+
+# -- loading ------------------------------------------------------------------------------------
+
+def _fail(where: str, err: Exception) -> ConfigError:
+    key = getattr(err, "full_key", None)
+    msg = str(err).splitlines()[0]
+    return ConfigError(f"{where}: {f'{key}: ' if key else ''}{msg}")
+
+
+def load_job(spec: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> JobCfg:
+    """Defaults < YAML ``spec`` < ``overrides`` ('key.sub=value'), validated strictly."""
+    schema = OmegaConf.structured(JobCfg)
+    layers = []
+    if spec is not None:
+        path = Path(spec)
+        if not path.is_file():
+            raise ConfigError(f"{path}: job spec file not found")
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as err:
+            raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(loaded, type(OmegaConf.create({}))):
+            raise ConfigError(f"{path}: a job spec must be a YAML mapping")
+        layers.append((str(path), loaded))
+    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
+    if bad:
+        raise ConfigError(f"command line: overrides must look like key.sub=value, got {bad}")
+    if overrides:
+        layers.append(("command line", OmegaConf.from_dotlist(list(overrides))))
+    cfg = schema
+    for where, layer in layers:
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except OmegaConfBaseException as err:
+            raise _fail(where, err) from None
+    try:
+        job = OmegaConf.to_object(cfg)
+    except (OmegaConfBaseException, ValueError, TypeError) as err:
+        where = " + ".join(w for w, _ in layers) or "defaults"
+        raise _fail(where, err.__cause__ if isinstance(err.__cause__, ValueError) else err) from None
+    assert isinstance(job, JobCfg)
+    return job
+
+
+def job_from_dict(data: dict[str, Any]) -> JobCfg:
+    """Rebuild a JobCfg from :func:`job_to_dict` output (what crosses a Ray boundary)."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(JobCfg), OmegaConf.create(data)))
+    except OmegaConfBaseException as err:
+        raise _fail("job dict", err) from None
+
+
+def job_to_dict(job: JobCfg) -> dict[str, Any]:
+    return asdict(job)
+
+
+def job_to_yaml(job: JobCfg) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(job))
+
+
+def flatten(job: JobCfg, *, only_active_method: bool = True) -> dict[str, Any]:
+    """Dotted key -> value for every leaf (MLflow params); other methods' sections left out."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, obj: Any) -> None:
+        if is_dataclass(obj):
+            for f in fields(obj):
+                if only_active_method and prefix == "model." and f.name in METHODS and f.name != job.model.method:
+                    continue
+                walk(f"{prefix}{f.name}.", getattr(obj, f.name))
+        elif isinstance(obj, dict) and obj:
+            for k, v in obj.items():
+                walk(f"{prefix}{k}.", v)
+        else:
+            out[prefix[:-1]] = obj
+
+    walk("", job)
+    return out

@@ -1,0 +1,1 @@
+"""Datasets: annotation manifests + video storage -> Ray Data pipelines of ready tensors."""

@@ -1,0 +1,64 @@
+"""The ``data`` section of a job spec."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass(kw_only=True)
+class SynthCfg:
+    """Generated clips of moving coloured shapes (``tvr data synth``)."""
+
+    num_clips: int = 96
+    """Number of clips (train + test)."""
+    test_fraction: float = 0.25
+    """Fraction of clips in the test split."""
+    captions_per_clip: int = 3
+    """Template captions written per clip (all true, differently worded)."""
+    seconds: float = 2.0
+    """Clip length."""
+    fps: int = 12
+    """Frames per second of the MP4."""
+    size: int = 64
+    """Frame width and height in pixels."""
+    seed: int = 0
+    """Everything generated is a function of this seed."""
+
+    def __post_init__(self) -> None:
+        if self.num_clips < 4:
+            raise ValueError("data.synth.num_clips must be >= 4")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ValueError("data.synth.test_fraction must be in (0, 1)")
+
+
+@dataclass(kw_only=True)
+class DataCfg:
+    format: Literal["msrvtt", "msvd", "didemo", "lsmdc", "charades", "vatex", "activitynet"] = "msrvtt"
+    """Annotation format of the manifest (field names as in the original releases)."""
+    root: str = ""
+    """Storage URI of the dataset (local dir or s3://bucket/prefix); '' = <storage.uri>/datasets/synthetic."""
+    videos: str = "videos"
+    """Video folder, relative to ``root`` (or an absolute URI)."""
+    train_split: str = "train"
+    """Split name used for training (format-specific, e.g. msrvtt: train | train.7k | train.9k)."""
+    test_split: str = "test"
+    """Split name used for evaluation."""
+    num_frames: int = 8
+    """Frames sampled per clip (T)."""
+    batch_size: int = 16
+    """Clips per training batch per worker."""
+    eval_batch_size: int = 32
+    """Clips / captions per embedding batch at evaluation."""
+    eval_captions: Literal["first", "all"] = "all"
+    """Evaluation protocol: one caption per clip, or all captions (v2t with several positives)."""
+    decode_concurrency: int = 2
+    """Parallel decode tasks in Ray Data."""
+    synth: SynthCfg = field(default_factory=SynthCfg)
+    """Generator settings, used by ``tvr data synth`` and the quickstart."""
+
+    def __post_init__(self) -> None:
+        if self.num_frames < 1:
+            raise ValueError("data.num_frames must be >= 1")
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ValueError("data.batch_size and data.eval_batch_size must be >= 1")

@@ -1,0 +1,1 @@
+"""Ray Train (+ DeepSpeed) training service."""

@@ -1,0 +1,67 @@
+"""Shared fixtures: offline environment, a real S3-protocol server on 127.0.0.1, local Ray."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+# Offline, quiet, deterministic: set before any test imports ray / mlflow / open_clip.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server (real HTTP, S3 protocol) on 127.0.0.1; yields its endpoint URL.
+
+    Credentials are the fake 'testing' pair, set in the environment for the whole session so that
+    boto3, pyarrow and Ray workers started later find them through the standard AWS chain.
+    """
+    from moto.server import ThreadedMotoServer
+
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        os.environ[k] = v
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh, empty bucket on the local S3 server: yields (endpoint_url, bucket_name)."""
+    import uuid
+
+    import boto3
+
+    name = f"tvr-test-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=name)
+    return s3_server, name
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for the test session (2 CPUs, no dashboard)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0",
+                                           "DS_ACCELERATOR": "cpu"}})
+    yield ray
+    ray.shutdown()
