@@ -15,6 +15,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Fake credentials for the local moto S3 server, set before Ray starts so its workers inherit them.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
 
 def free_port() -> int:
@@ -27,14 +31,11 @@ def free_port() -> int:
 def s3_server():
     """A moto S3 server (real HTTP, S3 protocol) on 127.0.0.1; yields its endpoint URL.
 
-    Credentials are the fake 'testing' pair, set in the environment for the whole session so that
-    boto3, pyarrow and Ray workers started later find them through the standard AWS chain.
+    Credentials are the fake 'testing' pair set above, found by boto3, pyarrow and Ray workers
+    through the standard AWS chain.
     """
     from moto.server import ThreadedMotoServer
 
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        os.environ[k] = v
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
