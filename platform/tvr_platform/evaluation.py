@@ -1,0 +1,102 @@
+"""Embedding extraction and blockwise retrieval evaluation, shared by training, ``tvr eval`` and tuning.
+
+``embed`` runs a model callable over batches and concatenates the per-batch feature dicts;
+``evaluate`` scores text x video tiles through the method's ``similarity`` and computes the metrics
+of ``tvr.metrics`` without materialising the full matrix (unless Sinkhorn-Knopp needs it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tvr.metrics import Ranks, blockwise_ranks, ranks_from_matrix, retrieval_metrics
+from tvr.methods.base import Features
+
+ModelCall = Callable[..., Any]
+
+
+def concat_features(parts: list[Features]) -> Features:
+    if not parts:
+        raise ValueError("no features to concatenate (empty split?)")
+    return {k: torch.cat([p[k] for p in parts], dim=0) for k in parts[0]}
+
+
+def slice_features(feats: Features, sl: slice) -> Features:
+    return {k: v[sl] for k, v in feats.items()}
+
+
+def to_device(feats: Features, device: torch.device | str) -> Features:
+    return {k: v.to(device) for k, v in feats.items()}
+
+
+@torch.no_grad()
+def embed_texts(model: ModelCall, texts: Tensor, batch_size: int, device: torch.device | str) -> Features:
+    """texts (N, L) -> features on CPU, float32."""
+    out = []
+    for i in range(0, texts.shape[0], batch_size):
+        f = model(mode="text", text=texts[i:i + batch_size].to(device))
+        out.append({k: v.float().cpu() for k, v in f.items()})
+    return concat_features(out)
+
+
+@torch.no_grad()
+def embed_videos(model: ModelCall, batches: Iterable[dict[str, Tensor]],
+                 device: torch.device | str) -> tuple[Features, Tensor]:
+    """Batches with 'frames' (B,T,3,H,W) and 'video_index' (B,) -> (features on CPU, video_index)."""
+    feats, index = [], []
+    for batch in batches:
+        captions = batch.get("aux_texts")
+        f = model(mode="video", frames=batch["frames"].to(device),
+                  captions=None if captions is None else captions.to(device))
+        feats.append({k: v.float().cpu() for k, v in f.items()})
+        index.append(batch["video_index"].long().cpu())
+    return concat_features(feats), torch.cat(index)
+
+
+def order_by_index(feats: Features, index: Tensor, n: int) -> Features:
+    """Rows gathered from several workers in any order -> rows sorted by index 0..n-1."""
+    if index.numel() != n or not torch.equal(torch.sort(index).values, torch.arange(n)):
+        missing = sorted(set(range(n)) - set(index.tolist()))[:10]
+        raise RuntimeError(f"evaluation covered {index.numel()} of {n} videos (missing e.g. {missing}); "
+                           "see the data quarantine report for skipped files")
+    order = torch.argsort(index)
+    return {k: v[order] for k, v in feats.items()}
+
+
+@torch.no_grad()
+def similarity_matrix(model: ModelCall, text: Features, video: Features, block: int,
+                      device: torch.device | str) -> Tensor:
+    n_t, n_v = next(iter(text.values())).shape[0], next(iter(video.values())).shape[0]
+    sims = torch.empty(n_t, n_v)
+    for i in range(0, n_t, block):
+        for j in range(0, n_v, block):
+            sims[i:i + block, j:j + block] = model(
+                mode="similarity", text_feats=to_device(slice_features(text, slice(i, i + block)), device),
+                video_feats=to_device(slice_features(video, slice(j, j + block)), device)).float().cpu()
+    return sims
+
+
+@torch.no_grad()
+def evaluate(model: ModelCall, text: Features, video: Features, text_to_video: Tensor, *,
+             block: int = 1024, dsl: bool = False, sinkhorn_iters: int = 0,
+             device: torch.device | str = "cpu") -> tuple[dict[str, float], Ranks]:
+    """Metrics of texts vs videos. Tiles of ``block`` x ``block``; Sinkhorn-Knopp needs the full
+    matrix (it normalises every row and column), so it materialises it."""
+    n_v = next(iter(video.values())).shape[0]
+    dsl_temp = 100.0 if dsl else None
+    if sinkhorn_iters > 0:
+        from tvr.sinkhorn import sinkhorn_normalise
+
+        sims = sinkhorn_normalise(similarity_matrix(model, text, video, block, device), sinkhorn_iters)
+        ranks = ranks_from_matrix(sims, text_to_video, block=block, dsl_temp=dsl_temp)
+    else:
+        def score(ts: slice, vs: slice) -> Tensor:
+            return model(mode="similarity", text_feats=to_device(slice_features(text, ts), device),
+                         video_feats=to_device(slice_features(video, vs), device)).float().cpu()
+
+        ranks = blockwise_ranks(score, text_to_video, n_v, block=block, dsl_temp=dsl_temp)
+    return retrieval_metrics(ranks), ranks

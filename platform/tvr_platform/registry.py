@@ -1,0 +1,141 @@
+"""The MLflow model registry: register a trained model (weights + job spec + tokenizer info),
+move aliases, and reload a version as a ready tvr method.
+
+A registered version is a pyfunc model whose artifacts are ``weights.pt`` (the method's
+consolidated state dict, or only its trained parameters when the backbone is a frozen pretrained
+reference — VoP's tiny checkpoints) and ``job.yaml`` (the resolved job spec). Its ``predict``
+embeds text queries; ``load_method`` rebuilds the full method for evaluation and search.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tvr_platform.config import JobCfg, job_to_yaml, load_job
+
+WEIGHTS, JOB_SPEC = "weights.pt", "job.yaml"
+
+
+def _pyfunc_model_class():
+    import mlflow.pyfunc
+
+    class TvrRetrievalModel(mlflow.pyfunc.PythonModel):
+        """pyfunc: a DataFrame/list of query strings -> L2-normalised text embeddings."""
+
+        def load_context(self, context):
+            self.job, self.method = build_from_artifacts(Path(context.artifacts["job"]),
+                                                         Path(context.artifacts["weights"]))
+
+        def predict(self, context, model_input, params=None):
+            texts = list(model_input["text"] if hasattr(model_input, "columns") else model_input)
+            with torch.no_grad():
+                feats = self.method.encode_text(self.method.backbone.tokenize(texts))
+            first = next(iter(feats.values()))
+            return torch.nn.functional.normalize(first.float(), dim=-1).numpy()
+
+    return TvrRetrievalModel
+
+
+def trained_state_dict(method: torch.nn.Module, state: dict[str, torch.Tensor],
+                       job: JobCfg) -> dict[str, torch.Tensor]:
+    """Keep every weight, unless the backbone is frozen and loadable from its pretrained
+    reference: then only trained parameters and buffers are stored (tiny VoP checkpoints)."""
+    frozen_backbone = job.model.backbone.pretrained and not any(
+        p.requires_grad for n, p in method.named_parameters() if n.startswith("backbone."))
+    if not frozen_backbone:
+        return state
+    keep = {n for n, p in method.named_parameters() if p.requires_grad}
+    keep |= {n for n, _ in method.named_buffers() if not n.startswith("backbone.")}
+    return {k: v for k, v in state.items() if k in keep}
+
+
+def build_from_artifacts(job_file: Path, weights_file: Path) -> tuple[JobCfg, torch.nn.Module]:
+    from tvr.backbone import ClipBackbone
+    from tvr.methods import build_method
+
+    job = load_job(job_file)
+    torch.manual_seed(job.run.seed)
+    method = build_method(job.model.method, job.method_cfg, ClipBackbone(job.model.backbone))
+    state = torch.load(weights_file, map_location="cpu", weights_only=True)
+    missing, unexpected = method.load_state_dict(state, strict=False)
+    if unexpected or (missing and not job.model.backbone.pretrained):
+        raise RuntimeError(f"{weights_file}: weights do not match {job.model.method} "
+                           f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    return job, method.eval()
+
+
+def register_model(job: JobCfg, weights_path: Path, run_id: str, *, name: str, metrics: dict[str, float],
+                   tags: dict[str, str] | None = None, alias: str | None = None) -> str:
+    """Log the model to ``run_id``, register it as a new version of ``name``, tag it, and (if
+    given) point ``alias`` at it. Returns the version number."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(job.tracking_uri)
+    client = MlflowClient(job.tracking_uri)
+    from tvr.backbone import ClipBackbone
+    from tvr.methods import build_method
+
+    method = build_method(job.model.method, job.method_cfg, ClipBackbone(job.model.backbone))
+    state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        w, j = Path(tmp) / WEIGHTS, Path(tmp) / JOB_SPEC
+        torch.save(trained_state_dict(method, state, job), w)
+        j.write_text(job_to_yaml(job))
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=_pyfunc_model_class()(),
+                artifacts={"weights": str(w), "job": str(j)},
+                pip_requirements=["tvr", "torch", "open_clip_torch"],
+                registered_model_name=name,
+            )
+    version = str(info.registered_model_version)
+    all_tags = {"method": job.model.method, "backbone": job.model.backbone.name,
+                "tokenizer": f"open_clip:{job.model.backbone.name}",
+                "context_length": str(method.backbone.context_length),
+                "dataset": job.dataset_uri, **{f"metric.{k}": f"{v:.4f}" for k, v in metrics.items()},
+                **(tags or {})}
+    for k, v in all_tags.items():
+        client.set_model_version_tag(name, version, k, str(v))
+    if alias:
+        client.set_registered_model_alias(name, alias, version)
+    return version
+
+
+def promote(tracking_uri: str, name: str, version: str, *, metric: str = "t2v_R@1", mode: str = "max",
+            challenger: str = "challenger", champion: str = "champion") -> dict[str, Any]:
+    """Point ``challenger`` at ``version``; move ``champion`` too only if it beats the current
+    champion on ``metric`` (version tags ``metric.<metric>``, recorded on the same eval set)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    new = client.get_model_version(name, version)
+    client.set_registered_model_alias(name, challenger, version)
+    score = float(new.tags[f"metric.{metric}"])
+    try:
+        current = client.get_model_version_by_alias(name, champion)
+    except MlflowException:
+        current = None
+    cur_score = float(current.tags.get(f"metric.{metric}", "nan")) if current else None
+    same_eval = current is None or current.tags.get("dataset") == new.tags.get("dataset")
+    better = current is None or (same_eval and (score > cur_score if mode == "max" else score < cur_score))
+    if better:
+        client.set_registered_model_alias(name, champion, version)
+    return {"version": version, "score": score, "champion_score": cur_score, "promoted": bool(better)}
+
+
+def download_model(model_uri: str, tracking_uri: str) -> tuple[Path, Path]:
+    """models:/name@alias or models:/name/version -> local (job.yaml, weights.pt)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
+    found = {p.name: p for p in local.rglob("*") if p.name in (WEIGHTS, JOB_SPEC)}
+    if set(found) != {WEIGHTS, JOB_SPEC}:
+        raise FileNotFoundError(f"{model_uri}: not a tvr model (no {WEIGHTS} + {JOB_SPEC} artifacts)")
+    return found[JOB_SPEC], found[WEIGHTS]

@@ -1,0 +1,166 @@
+"""Training strategies applied from outside the single-device model: DeepSpeed (ZeRO 0-3) or DDP.
+
+Both expose the same small surface to the loop: ``forward`` (the wrapped RetrievalStep),
+``backward_step(loss)``, ``save(dir)``, ``load(dir)``, ``state_dict_for_export()`` and
+``eval_module()`` (a context giving a plain module with full parameters for evaluation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tvr_platform.config import TrainCfg
+
+
+def lr_lambda(warmup: int, total: int):
+    """Linear warm-up to 1 over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+def deepspeed_config(train: TrainCfg, micro_batch: int, bf16: bool) -> dict[str, Any]:
+    """DeepSpeed JSON config from the typed training section (train_batch_size left to DeepSpeed:
+    micro batch x grad_accum x world size, so a different worker count needs no edit)."""
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": train.grad_accum,
+        "gradient_clipping": train.grad_clip,
+        "zero_optimization": {
+            "stage": train.zero_stage,
+            "overlap_comm": train.zero_stage > 0,
+            "contiguous_gradients": train.zero_stage > 0,
+            "stage3_gather_16bit_weights_on_model_save": train.zero_stage == 3,
+        },
+        "bf16": {"enabled": bf16},
+        # A torch.optim AdamW is passed in: avoids JIT-building DeepSpeed's fused_adam on CPU.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+class DeepSpeedStrategy:
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler, ds_config: dict):
+        import deepspeed
+
+        self.ds_config = ds_config
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
+            dist_init_required=False)
+        self.stage = ds_config["zero_optimization"]["stage"]
+
+    def __call__(self, *args, **kwargs):
+        return self.engine(*args, **kwargs)
+
+    def backward_step(self, loss: torch.Tensor) -> bool:
+        """Backward + (at the accumulation boundary) clip, step and schedule; True if stepped."""
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        self.engine.backward(loss)
+        self.engine.step()
+        return boundary
+
+    def train(self, mode: bool = True) -> None:
+        self.engine.train(mode)
+
+    def save(self, directory: Path, client_state: dict) -> None:
+        # Collective: every rank writes its own ZeRO shards (rank-unique file names).
+        self.engine.save_checkpoint(str(directory), tag="ds", client_state=client_state)
+
+    def load(self, directory: Path) -> dict:
+        # Must read one shared directory on every rank (a per-rank temp dir hangs the run).
+        _, client_state = self.engine.load_checkpoint(str(directory), tag="ds")
+        return client_state or {}
+
+    def export_state_dict(self, checkpoint_dir: Path) -> dict[str, torch.Tensor] | None:
+        """Consolidated weights on rank 0 (None elsewhere); ZeRO-3 shards are merged to fp32."""
+        rank = self.engine.global_rank
+        if self.stage == 3:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag="ds") if rank == 0 else None
+        return {k: v.detach().cpu() for k, v in self.engine.module.state_dict().items()} if rank == 0 else None
+
+    @contextlib.contextmanager
+    def eval_module(self) -> Iterator[nn.Module]:
+        self.engine.eval()
+        if self.stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None):
+                yield self.engine.module
+        else:
+            yield self.engine.module
+        self.engine.train()
+
+
+class DDPStrategy:
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler, train: TrainCfg,
+                 autocast_dtype: torch.dtype | None):
+        import ray.train.torch
+
+        self.module = module
+        self.model = ray.train.torch.prepare_model(
+            module, parallel_strategy_kwargs={"find_unused_parameters": True})
+        self.optimizer, self.scheduler, self.train_cfg = optimizer, scheduler, train
+        self.autocast_dtype = autocast_dtype
+        self._micro = 0
+
+    def __call__(self, *args, **kwargs):
+        if self.autocast_dtype is None:
+            return self.model(*args, **kwargs)
+        with torch.autocast(device_type="cuda", dtype=self.autocast_dtype):
+            return self.model(*args, **kwargs)
+
+    def backward_step(self, loss: torch.Tensor) -> bool:
+        self._micro += 1
+        boundary = self._micro % self.train_cfg.grad_accum == 0
+        (loss / self.train_cfg.grad_accum).backward()
+        if boundary:
+            if self.train_cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.train_cfg.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return boundary
+
+    def train(self, mode: bool = True) -> None:
+        self.model.train(mode)
+
+    def save(self, directory: Path, client_state: dict) -> None:
+        import torch.distributed as dist
+
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            torch.save({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict(), "client_state": client_state},
+                       directory / "ddp.pt")
+
+    def load(self, directory: Path) -> dict:
+        state = torch.load(directory / "ddp.pt", map_location="cpu", weights_only=False)
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        return state["client_state"]
+
+    def export_state_dict(self, checkpoint_dir: Path) -> dict[str, torch.Tensor] | None:
+        import torch.distributed as dist
+
+        if dist.is_initialized() and dist.get_rank() != 0:
+            return None
+        return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+
+    @contextlib.contextmanager
+    def eval_module(self) -> Iterator[nn.Module]:
+        self.module.eval()
+        yield self.module
+        self.module.train()

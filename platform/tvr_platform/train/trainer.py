@@ -1,0 +1,129 @@
+"""``run_training(job)``: build the Ray Train ``TorchTrainer`` for a job spec and run it.
+
+Resuming: Ray Train V2 resumes a run whose ``RunConfig(storage_path, name)`` already holds
+checkpoints, so rerunning the same ``run.name`` continues from its latest checkpoint; the same
+MLflow run is reopened (found by its ``tvr.run_name`` tag).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tvr_platform.config import JobCfg, job_to_dict, job_to_yaml
+from tvr_platform.tracking import Tracker, start_run
+from tvr_platform.train.worker import EXPORT_FILE
+
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
+              "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"), "TOKENIZERS_PARALLELISM": "false"}
+
+
+@dataclass
+class TrainingResult:
+    metrics: dict[str, Any]
+    checkpoint_path: str
+    weights_path: Path | None
+    tracker: Tracker | None
+
+
+def init_ray(job: JobCfg) -> None:
+    """Connect to ``cluster.address`` or start a local Ray (no dashboard, quiet workers)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {**WORKER_ENV, **job.cluster.env_vars}
+    if os.environ.get("DS_ACCELERATOR"):
+        env["DS_ACCELERATOR"] = os.environ["DS_ACCELERATOR"]
+    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
+    if job.cluster.address:
+        ray.init(address=job.cluster.address, **kwargs)
+    else:
+        ray.init(num_cpus=job.cluster.num_cpus, include_dashboard=False, **kwargs)
+
+
+def run_storage(job: JobCfg):
+    """(storage_path, pyarrow filesystem or None) for Ray Train's run directory."""
+    from tvr_platform.storage import open_storage
+
+    if job.storage_uri.startswith("s3://"):
+        store = open_storage(job.storage_uri, endpoint_url=job.storage.endpoint_url, region=job.storage.region)
+        fs, path = store.pyarrow_filesystem()
+        return f"{path.rstrip('/')}/runs", fs
+    path = Path(job.storage_uri) / "runs"
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path), None
+
+
+def run_training(job: JobCfg, *, callbacks: list | None = None, tracker: Tracker | None = None,
+                 extra_config: dict[str, Any] | None = None) -> TrainingResult:
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from tvr_platform.data.pipeline import load_manifest, train_dataset, video_dataset
+    from tvr_platform.train.worker import train_loop_per_worker
+
+    train_manifest = load_manifest(job, job.data.train_split)
+    test_manifest = load_manifest(job, job.data.test_split)
+    init_ray(job)
+    if tracker is None:
+        tracker = start_run(job)
+        tracker.log_text(job_to_yaml(job), "config/job.yaml")
+    storage_path, storage_fs = run_storage(job)
+    config = {
+        "job": job_to_dict(job),
+        "tracker": {"tracking_uri": tracker.tracking_uri, "run_id": tracker.run_id},
+        "num_train_videos": len(train_manifest.video_ids),
+        "num_test_videos": len(test_manifest.video_ids),
+        "pretrained_path": resolve_pretrained(job),
+        **(extra_config or {}),
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=job.train.num_workers, use_gpu=job.train.use_gpu),
+        torch_config=TorchConfig(backend="nccl" if job.train.use_gpu else "gloo", timeout_s=600),
+        datasets={"train": train_dataset(job, train_manifest), "test": video_dataset(job, test_manifest)},
+        dataset_config=ray.train.DataConfig(datasets_to_split="all"),
+        run_config=RunConfig(
+            name=job.run.name, storage_path=storage_path, storage_filesystem=storage_fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=job.train.checkpoints_to_keep),
+            failure_config=FailureConfig(max_failures=job.train.max_failures),
+            callbacks=callbacks or None,
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception:
+        tracker.terminate("FAILED")
+        raise
+    metrics = dict(result.metrics or {})
+    weights = None
+    if result.checkpoint is not None:
+        local = Path(job.work_dir) / "exports" / job.run.name
+        local.mkdir(parents=True, exist_ok=True)
+        with result.checkpoint.as_directory() as d:
+            src = Path(d) / EXPORT_FILE
+            if src.exists():
+                weights = local / EXPORT_FILE
+                weights.write_bytes(src.read_bytes())
+    return TrainingResult(metrics=metrics, checkpoint_path=result.checkpoint.path if result.checkpoint else "",
+                          weights_path=weights, tracker=tracker)
+
+
+def resolve_pretrained(job: JobCfg) -> str | None:
+    """An s3:// backbone checkpoint is downloaded once to the work dir; tags and paths pass through."""
+    ref = job.model.backbone.pretrained
+    if not ref or not ref.startswith("s3://"):
+        return ref
+    from tvr_platform.storage import open_storage
+
+    target = Path(job.work_dir) / "cache" / "checkpoints" / ref.removeprefix("s3://").replace("/", "__")
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        store = open_storage(ref.rsplit("/", 1)[0], endpoint_url=job.storage.endpoint_url, region=job.storage.region)
+        target.write_bytes(store.read_bytes(ref.rsplit("/", 1)[1]))
+    return str(target)

@@ -1,0 +1,182 @@
+"""``train_loop_per_worker``: what every Ray Train worker runs, top to bottom.
+
+setup (config, seeds, model from the method table, optimiser, strategy, resume)
+-> per epoch: train steps (global-batch contrastive loss), evaluation, checkpoint + report.
+
+The loop never branches on the method: everything method-specific is behind the method
+interface (encode / similarity / loss / param_groups), reached through ``RetrievalStep``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import resource
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tvr.backbone import ClipBackbone
+from tvr.methods import build_method
+from tvr_platform.config import JobCfg, job_from_dict
+from tvr_platform.distributed import all_gather_with_grad, gather_objects, world
+from tvr_platform.evaluation import concat_features, embed_texts, embed_videos, evaluate, order_by_index
+from tvr_platform.train.step import RetrievalStep
+from tvr_platform.train.strategy import DDPStrategy, DeepSpeedStrategy, deepspeed_config, lr_lambda
+
+EXPORT_FILE = "model.pt"
+STATE_FILE = "train_state.json"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def build_model(job: JobCfg, pretrained_path: str | None) -> torch.nn.Module:
+    """Backbone + method, built identically on every rank (same seed). Under ZeRO-3 the
+    parameters are partitioned at construction (deepspeed.zero.Init), so no host holds them all."""
+    backbone_cfg = job.model.backbone
+    if pretrained_path is not None:
+        from dataclasses import replace
+
+        backbone_cfg = replace(backbone_cfg, pretrained=pretrained_path)
+    return build_method(job.model.method, job.method_cfg, ClipBackbone(backbone_cfg))
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from tvr_platform.data.pipeline import load_manifest, pick_captions, tokenize_captions
+    from tvr_platform.tracking import Tracker
+
+    # -- setup --------------------------------------------------------------------------------
+    job = job_from_dict(config["job"])
+    rank, world_size = world()
+    device = ray.train.torch.get_device()
+    use_bf16 = job.train.precision == "bf16" or (job.train.precision == "auto" and device.type == "cuda")
+    seed_everything(job.run.seed)
+    tracker = Tracker(**config["tracker"]) if rank == 0 and config.get("tracker") else None
+
+    zero3 = job.train.strategy == "deepspeed" and job.train.zero_stage == 3
+    ds_cfg = deepspeed_config(job.train, job.data.batch_size, use_bf16)
+    if zero3:
+        import deepspeed
+
+        with deepspeed.zero.Init(config_dict_or_path=ds_cfg):
+            method = build_model(job, config.get("pretrained_path"))
+    else:
+        method = build_model(job, config.get("pretrained_path"))
+    gather = all_gather_with_grad if job.train.gather_with_grad else (lambda x: x)
+    module = RetrievalStep(method, gather).to(device)
+
+    steps_per_epoch = max(1, config["num_train_videos"] // (job.data.batch_size * world_size))
+    if job.train.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, job.train.max_steps_per_epoch)
+    total_updates = max(1, job.train.epochs * steps_per_epoch // job.train.grad_accum)
+    optimizer = torch.optim.AdamW(method.param_groups(job.train.lr, job.train.backbone_lr,
+                                                      job.train.weight_decay))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(job.train.warmup_steps, total_updates))
+    if job.train.strategy == "deepspeed":
+        strategy = DeepSpeedStrategy(module, optimizer, scheduler, ds_cfg)
+    else:
+        strategy = DDPStrategy(module, optimizer, scheduler, job.train,
+                               torch.bfloat16 if use_bf16 and device.type == "cuda" else None)
+
+    start_epoch, global_step = 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            client_state = strategy.load(Path(d))
+            rng_file = Path(d) / f"rng_rank{rank}.pt"
+            if rng_file.exists():
+                torch.set_rng_state(torch.load(rng_file, weights_only=False)["torch"])
+        start_epoch, global_step = client_state["epoch"] + 1, client_state["global_step"]
+
+    eval_texts = caption_video = None
+    if rank == 0:
+        eval_texts, caption_video = tokenize_captions(job, load_manifest(job, job.data.test_split))
+    n_frames = job.data.num_frames
+    fail_at = config.get("fail_at_step")  # test hook: raise once in rank 1 to exercise FailureConfig
+
+    # -- epochs -------------------------------------------------------------------------------
+    for epoch in range(start_epoch, job.train.epochs):
+        strategy.train(True)
+        shard = ray.train.get_dataset_shard("train")
+        losses: list[float] = []
+        t_wait = time.perf_counter()
+        for i, batch in enumerate(shard.iter_torch_batches(batch_size=job.data.batch_size, drop_last=True)):
+            if i >= steps_per_epoch:
+                break
+            t_start = time.perf_counter()
+            text = pick_captions(batch["texts"], batch["num_texts"], batch["video_index"], epoch, job.run.seed)
+            aux = batch.get("aux_texts")
+            out = strategy(mode="loss", frames=batch["frames"].to(device), text=text.to(device),
+                           captions=None if aux is None else aux.to(device))
+            if fail_at is not None and rank == 1 and global_step == fail_at and checkpoint is None:
+                raise RuntimeError(f"injected failure at step {global_step} (train_loop_config.fail_at_step)")
+            strategy.backward_step(out["loss"])
+            global_step += 1
+            t_end = time.perf_counter()
+            losses.append(float(out["loss"].detach()))
+            if tracker and (global_step % config.get("log_every", 10) == 0 or i == 0):
+                step_s = t_end - t_wait
+                samples = job.data.batch_size * world_size
+                metrics = {f"train/{k}": float(v.detach().float().mean()) for k, v in out.items()}
+                metrics.update({
+                    "perf/samples_per_s": samples / step_s, "perf/frames_per_s": samples * n_frames / step_s,
+                    "perf/data_wait_s": t_start - t_wait, "perf/compute_s": t_end - t_start,
+                    "perf/peak_mem_mb": peak_memory_mb(device),
+                    "train/lr_head": scheduler.get_last_lr()[-1] if hasattr(scheduler, "get_last_lr") else 0.0,
+                })
+                tracker.log_metrics(metrics, step=global_step)
+            t_wait = time.perf_counter()
+
+        # -- evaluation (every rank embeds its shard; rank 0 scores) --------------------------
+        metrics = {"epoch": epoch, "global_step": global_step,
+                   "train_loss": float(np.mean(losses)) if losses else float("nan")}
+        last = epoch == job.train.epochs - 1
+        if last or (epoch + 1) % job.train.eval_every == 0:
+            with strategy.eval_module() as eval_module:
+                feats, index = embed_videos(eval_module, ray.train.get_dataset_shard("test").iter_torch_batches(
+                    batch_size=job.data.eval_batch_size), device)
+                parts = gather_objects((feats, index))
+                if rank == 0:
+                    video = order_by_index(concat_features([p[0] for p in parts]),
+                                           torch.cat([p[1] for p in parts]), config["num_test_videos"])
+                    text = embed_texts(eval_module, eval_texts, job.data.eval_batch_size, device)
+                    scores, _ = evaluate(eval_module, text, video, caption_video, block=job.eval.block_size,
+                                         dsl=job.eval.dsl, sinkhorn_iters=job.eval.sinkhorn_iters, device=device)
+                    metrics.update(scores)
+            metrics = gather_objects(metrics)[0]
+        if tracker:
+            tracker.log_metrics({k if "/" in k else f"val/{k}" if "@" in k or "Md" in k or "Mn" in k else k: v
+                                 for k, v in metrics.items()}, step=global_step)
+
+        # -- checkpoint + report (a collective in Ray Train V2) ---------------------------------
+        with tempfile.TemporaryDirectory() as tmp:
+            d = Path(tmp)
+            strategy.save(d, {"epoch": epoch, "global_step": global_step})
+            torch.save({"torch": torch.get_rng_state()}, d / f"rng_rank{rank}.pt")
+            if last:
+                state = strategy.export_state_dict(d)
+                if state is not None:
+                    prefix = "method."
+                    torch.save({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
+                               d / EXPORT_FILE)
+            if rank == 0:
+                (d / STATE_FILE).write_text(json.dumps({"epoch": epoch, "global_step": global_step}))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=f"epoch={epoch:04d}")
