@@ -1,0 +1,400 @@
+"""UCoFIA: Unified Coarse-to-Fine Alignment (Wang et al., ICCV 2023; github.com/Ziyang412/UCoFiA).
+
+Notation: D embedding dim, T frames, P patches per frame, K kept patches per frame, L word positions.
+Hats are L2-normalised vectors; A, B, C, E ∈ R^{D×D} and all W ∈ R^{n×n} are learned matrices
+initialised to the identity (the official ``*_mat_weight`` parameters).
+
+Features (all from the shared CLIP backbone)
+    s ∈ R^D           sentence feature (EOS token)
+    w_l ∈ R^D         word tokens, mask m_l ∈ {0,1} (1 from SOT to EOS, 0 at padding)
+    f_t ∈ R^D         per-frame CLS features, t = 1..T
+    p_{t,j} ∈ R^D     patch tokens of frame t, j = 1..P
+    g = TemporalEncoder(f)                             CLIP4Clip seqTransf, (B, T, D)
+    v = norm((1/T) Σ_t norm(g_t))                      video feature
+
+Three alignments (text i, video j)
+    video-sentence    S_vs = (ŝ A) · (v̂ B)
+    frame-sentence    c_t = ŝ · f̂_t  (T,)           S_fs = ISA(c; W_f)
+    patch-word        M_{n,l} = (ŵ_l C) · (û_n E)  (N, L), over the N = T·K' selected tokens u_n
+                      S_pw = Bi-ISA(M)
+
+Patch selection (TS2-Net style, official ``VisualTokenSelection``)
+    φ(x) = GELU(W_in LN(x))                                          (D -> D/2)
+    σ_{t,j} = tanh(w₂ᵀ GELU(W₁ [φ(p_{t,j}); φ(f_t); φ(f̄)]))         f̄ = (1/T) Σ_t f_t
+    keep the K highest σ per frame (indices in ascending order) and prepend the frame's CLS f_t
+    (official), so each frame contributes K' = K + 1 tokens u. In training the hard top-K is
+    replaced by the perturbed-optimiser top-K of Berthet et al. 2020 (official ``PerturbedTopK``):
+        Y = E_Z[onehot(topK(σ + εZ))],  Z ~ N(0, I),  u_{t,k} = Σ_j Y_{k,j} p_{t,j}
+        ∂L/∂σ ≈ E_Z[⟨∂L/∂Y, onehot(topK(σ + εZ))⟩ Z] / ε         (n_s Monte-Carlo samples)
+
+Interactive Similarity Aggregation of a similarity vector x ∈ R^n (mask μ ∈ {0,1}^n optional)
+    a = softmax_μ(x / τ)           softmax over the unmasked entries (masked entries: weight 0)
+    b = softmax_μ((a W) / τ)       W ∈ R^{n×n} mixes the attention across the entries
+    ISA(x; W) = Σ_i b_i x_i
+
+Bi-ISA of the patch-word matrix M ∈ R^{N×L} (rows: patches, columns: words)
+    r_n = ISA(M_{n,:}; W₁, μ=m)       along each row (over words)      -> r ∈ R^N
+    q_l = ISA(M_{:,l}; W₂)            along each column (over patches) -> q ∈ R^L
+    Bi-ISA(M) = ½ [ ISA(r; W₃) + ISA(q; W₄, μ=m) ]                  (then across)
+
+Unification
+    training:   logits = e^θ · (S_vs + S_fs + S_pw) / 3   -> symmetric InfoNCE (official: no SK)
+    inference:  S = (1/3) Σ_g SK_τ(S_g),  τ = e^{-θ}  (θ = CLIP logit_scale, e^θ clamped at 100)
+    with SK_τ the Sinkhorn-Knopp normalisation of :mod:`tvr.sinkhorn` (``sinkhorn_iters``, 0 = off).
+
+How evaluation applies SK: ``similarity(text, video)`` is the plain combination *without* SK, so it
+works on any block. SK needs the full matrices, so a full evaluation asks for the per-granularity
+matrices block by block with :meth:`UCoFIA.granularity_similarities`, concatenates them into
+three (N_t, N_v) matrices, and calls :meth:`UCoFIA.combine` on them, which normalises each one
+(``sinkhorn_iters``) and averages. ``combine(..., bank=...)`` takes the official bank form.
+
+Memory: the patch-word part touches every (text, video, token, word) quadruple. It is computed in
+tiles of ``chunk_size`` texts x ``chunk_size`` videos, so at most (chunk², N, L') scores are alive
+at once, never (N_t, N_v, N, L). Word positions are trimmed to the longest caption of the block
+(exact: masked words get zero attention and the mixing rows of padded positions are never used).
+
+Official defaults (scripts/train_msrvtt.sh, modeling_ucofia.py, differential_topk.py):
+ViT-B/32, 12 frames, 32 words, top-K = 3 patches + CLS per frame (``num_pixel = 4``),
+ISA τ = 0.01, perturbed top-K with 500 samples and σ = 0.05, seqTransf with 4 layers,
+SK 4 iterations at evaluation only, lr 1e-4 (head) and 1e-7 (CLIP, coef_lr 1e-3), batch 128,
+15 epochs, weight decay 0.2.
+
+Deviations from the official code (all deliberate):
+1. Selected patch tokens are L2-normalised and the patch-word score is scaled by e^θ like the other
+   two (official: raw projected tokens and no logit scale on S_pw), so the three granularities
+   share one unit and one SK temperature.
+2. Word padding is masked in Bi-ISA (official attends over all ``max_words`` positions).
+3. Evaluation uses the hard top-K (the noise-free limit of the perturbed top-K); the official code
+   runs the random perturbed top-K at evaluation too, which is not deterministic.
+4. The patch scorer sees the frame CLS *and* the video mean f̄ (``selector_video_context``; set it
+   False for the official ``PredictorLG``, which sees the frame CLS only).
+5. ``E`` (``local_mat_weight1``) is applied at evaluation as in training (the official eval script
+   drops it).
+6. SK at evaluation is transductive by default (the evaluated matrix is its own bank) and returns
+   the doubly-balanced plan; the official code uses training captions as the bank. Text -> video
+   rankings are identical to the official form for the same bank (see :mod:`tvr.sinkhorn`).
+7. The temporal encoder is :class:`tvr.temporal.TemporalEncoder` (pre-norm, zero-init output, so
+   v = mean of frames at step 0); ``temporal_layers = 0`` gives the official ``meanP`` header.
+8. No video padding mask: every clip has T real frames (the platform samples fixed T).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tvr.backbone import ClipBackbone
+from tvr.losses import clip_logits, symmetric_ce
+from tvr.methods.base import Features, MethodSpec, backbone_head_groups
+from tvr.sinkhorn import sinkhorn_normalise
+from tvr.temporal import TemporalEncoder
+
+GRANULARITIES = ("video_sentence", "frame_sentence", "patch_word")
+
+
+@dataclass(kw_only=True)
+class UCoFIACfg:
+    topk: int = 3
+    """Patches kept per frame by the selector (official VisualTokenSelection(topk=3))."""
+    keep_cls_token: bool = True
+    """Prepend each frame's CLS to its kept patches (official: K + 1 = 4 tokens per frame)."""
+    max_frames: int = 12
+    """Largest T the ISA frame/patch mixing matrices are sized for (official max_frames 12)."""
+    temporal_layers: int = 4
+    """seqTransf layers of the temporal encoder (official cross_num_hidden_layers 4); 0 = meanP."""
+    isa_temperature: float = 0.01
+    """τ of both softmaxes in ISA / Bi-ISA (official 1e-2)."""
+    topk_samples: int = 500
+    """Monte-Carlo samples of the perturbed top-K in training (official 500)."""
+    topk_sigma: float = 0.05
+    """Noise scale ε of the perturbed top-K (official 0.05)."""
+    selector_video_context: bool = True
+    """Condition the patch scorer on the video mean as well as the frame CLS (False = official)."""
+    sinkhorn_iters: int = 4
+    """SK iterations applied by :meth:`UCoFIA.combine` at full evaluation (official 4); 0 = off."""
+    chunk_size: int = 64
+    """Texts and videos per tile of the fine-grained scoring (memory ~ chunk² · N · L floats)."""
+
+    def __post_init__(self) -> None:
+        for name in ("topk", "max_frames", "topk_samples", "chunk_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"model.ucofia.{name} must be an integer >= 1, got {value!r}")
+        for name in ("temporal_layers", "sinkhorn_iters"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"model.ucofia.{name} must be an integer >= 0, got {value!r}")
+        for name in ("isa_temperature", "topk_sigma"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
+                raise ValueError(f"model.ucofia.{name} must be a number > 0, got {value!r}")
+
+    @property
+    def tokens_per_frame(self) -> int:
+        """K' = K (+1 with the frame CLS)."""
+        return self.topk + int(self.keep_cls_token)
+
+
+# -- Interactive Similarity Aggregation ----------------------------------------------------------
+
+def isa(x: Tensor, weight: Tensor, temperature: float, mask: Tensor | None = None) -> Tensor:
+    """ISA over the last dim: x (..., n), weight (n', n') with n' >= n (top-left block used),
+    mask broadcastable to x, True = real entry -> (...,).
+
+        a = softmax_μ(x/τ);  b = softmax_μ(aW/τ);  ISA = Σ_i b_i x_i
+    """
+    n = x.shape[-1]
+    w = weight[:n, :n]                                                           # (n, n)
+    logits = x / temperature                                                     # (..., n)
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    a = torch.softmax(logits, dim=-1)                                            # (..., n)
+    mixed = (a @ w) / temperature                                                # (..., n)
+    if mask is not None:
+        mixed = mixed.masked_fill(~mask, float("-inf"))
+        x = x.masked_fill(~mask, 0.0)
+    b = torch.softmax(mixed, dim=-1)                                             # (..., n)
+    return (b * x).sum(dim=-1)                                                   # (...,)
+
+
+def bi_isa(m: Tensor, w_row: Tensor, w_col: Tensor, w_row_across: Tensor, w_col_across: Tensor,
+           temperature: float, word_mask: Tensor | None = None) -> Tensor:
+    """Bi-ISA of patch-word matrices m (..., N, L) (rows = patches, columns = words) -> (...,).
+
+    r = ISA over words of each row (W₁ = w_row, masked); q = ISA over patches of each column
+    (W₂ = w_col); result ½ [ISA(r; W₃ = w_row_across) + ISA(q; W₄ = w_col_across, masked)].
+    ``word_mask`` (..., L) bool, True at real words, broadcastable against m[..., 0, :].
+    """
+    row_mask = None if word_mask is None else word_mask.unsqueeze(-2)           # (..., 1, L)
+    r = isa(m, w_row, temperature, row_mask)                                     # (..., N)
+    q = isa(m.transpose(-1, -2), w_col, temperature)                             # (..., L)
+    s_r = isa(r, w_row_across, temperature)                                      # (...,)
+    s_q = isa(q, w_col_across, temperature, word_mask)                           # (...,)
+    return 0.5 * (s_r + s_q)
+
+
+# -- differentiable top-K ------------------------------------------------------------------------
+
+class _PerturbedTopK(torch.autograd.Function):
+    """Perturbed-optimiser top-K (Berthet et al. 2020), as the official ``PerturbedTopKFuntion``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, k: int, noise: Tensor, sigma: float) -> Tensor:
+        # x (M, P) scores, noise (M, S, P) standard normal
+        perturbed = x.unsqueeze(1) + sigma * noise                               # (M, S, P)
+        idx = perturbed.topk(k, dim=-1, sorted=False).indices.sort(dim=-1).values  # (M, S, K)
+        onehot = F.one_hot(idx, num_classes=x.shape[-1]).to(x.dtype)             # (M, S, K, P)
+        ctx.save_for_backward(onehot, noise)
+        ctx.sigma = sigma
+        return onehot.mean(dim=1)                                                # (M, K, P)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        onehot, noise = ctx.saved_tensors                                        # (M,S,K,P), (M,S,P)
+        # E[onehot ⊗ Z] / σ, contracted with the incoming gradient
+        g = torch.einsum("mkp,mskp->ms", grad_out, onehot)                       # (M, S)
+        grad_x = torch.einsum("ms,msd->md", g, noise) / (noise.shape[1] * ctx.sigma)  # (M, P)
+        return grad_x, None, None, None
+
+
+def perturbed_topk(x: Tensor, k: int, *, num_samples: int, sigma: float,
+                   noise: Tensor | None = None) -> Tensor:
+    """Soft top-K indicators x (M, P) -> (M, K, P): slot k holds the frequency with which each
+    entry is the k-th smallest index among the top-K of x + σZ. Every slot sums to 1.
+    ``noise`` (M, num_samples, P) may be given (tests); by default drawn from the global RNG."""
+    if noise is None:
+        noise = torch.randn(x.shape[0], num_samples, x.shape[1], dtype=x.dtype, device=x.device)
+    return _PerturbedTopK.apply(x, k, noise, sigma)
+
+
+def hard_topk(x: Tensor, k: int) -> Tensor:
+    """Hard top-K indicators x (M, P) -> (M, K, P) one-hot, slots in ascending index order."""
+    idx = x.topk(k, dim=-1).indices.sort(dim=-1).values                          # (M, K)
+    return F.one_hot(idx, num_classes=x.shape[-1]).to(x.dtype)                   # (M, K, P)
+
+
+class PatchSelector(nn.Module):
+    """Scores patches from [φ(patch); φ(frame CLS); φ(video mean)] and keeps the top-K per frame."""
+
+    def __init__(self, *, dim: int, topk: int, video_context: bool, num_samples: int, sigma: float):
+        super().__init__()
+        hidden = max(1, dim // 2)
+        self.topk, self.video_context = topk, video_context
+        self.num_samples, self.sigma = num_samples, sigma
+        self.inp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden, bias=False), nn.GELU())
+        n_in = hidden * (3 if video_context else 2)
+        self.out = nn.Sequential(nn.Linear(n_in, hidden, bias=False), nn.GELU(),
+                                 nn.Linear(hidden, 1, bias=False), nn.Tanh())
+
+    def scores(self, cls: Tensor, patches: Tensor) -> Tensor:
+        """cls (B, T, D), patches (B, T, P, D) -> saliency σ (B, T, P) in (-1, 1)."""
+        B, T, P, _ = patches.shape
+        h_p = self.inp(patches)                                                  # (B, T, P, H)
+        ctx = [self.inp(cls).unsqueeze(2).expand(B, T, P, -1)]                   # (B, T, P, H)
+        if self.video_context:
+            h_v = self.inp(cls.mean(dim=1))                                      # (B, H)
+            ctx.append(h_v[:, None, None, :].expand(B, T, P, -1))                # (B, T, P, H)
+        return self.out(torch.cat([h_p, *ctx], dim=-1)).squeeze(-1)              # (B, T, P)
+
+    def forward(self, cls: Tensor, patches: Tensor) -> tuple[Tensor, Tensor]:
+        """-> selected tokens (B, T, K, D) and indicators (B, T, K, P) (one-hot in eval mode)."""
+        B, T, P, D = patches.shape
+        if self.topk > P:
+            raise ValueError(f"model.ucofia.topk={self.topk} exceeds the {P} patches per frame of this "
+                             "backbone; lower topk")
+        sigma = self.scores(cls, patches).flatten(0, 1)                          # (B*T, P)
+        if self.training:
+            ind = perturbed_topk(sigma, self.topk, num_samples=self.num_samples, sigma=self.sigma)
+        else:
+            ind = hard_topk(sigma, self.topk)                                    # (B*T, K, P)
+        ind = ind.view(B, T, self.topk, P)                                       # (B, T, K, P)
+        selected = torch.einsum("btkp,btpd->btkd", ind.to(patches.dtype), patches)  # (B, T, K, D)
+        return selected, ind
+
+
+# -- the method ----------------------------------------------------------------------------------
+
+def _eye(n: int) -> nn.Parameter:
+    return nn.Parameter(torch.eye(n))
+
+
+class UCoFIA(nn.Module):
+    def __init__(self, cfg: UCoFIACfg, backbone: ClipBackbone):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = backbone
+        D, L = backbone.embed_dim, backbone.context_length
+        N = cfg.max_frames * cfg.tokens_per_frame
+        self.temporal = (None if cfg.temporal_layers == 0 else
+                         TemporalEncoder(dim=D, num_frames=cfg.max_frames, layers=cfg.temporal_layers))
+        self.selector = PatchSelector(dim=D, topk=cfg.topk, video_context=cfg.selector_video_context,
+                                      num_samples=cfg.topk_samples, sigma=cfg.topk_sigma)
+        # coarse: A, B (official global_mat_weight, global_mat_weight_1)
+        self.sentence_mat, self.video_mat = _eye(D), _eye(D)
+        # frame-sentence ISA: W_f (official frame_logit_weight)
+        self.frame_isa = _eye(cfg.max_frames)
+        # patch-word: C, E (local_mat_weight, local_mat_weight1); W₁..W₄ (word_mat_weight,
+        # pixel_mat_weight, pixel_mat_weight2, word_mat_weight2)
+        self.word_mat, self.patch_mat = _eye(D), _eye(D)
+        self.word_isa, self.patch_isa = _eye(L), _eye(N)
+        self.patch_isa_across, self.word_isa_across = _eye(N), _eye(L)
+
+    # -- encoders -------------------------------------------------------------------------------
+    def encode_text(self, text: Tensor) -> Features:
+        eos, words, mask = self.backbone.encode_text(text, tokens=True)          # (B,D), (B,L,D), (B,L)
+        return {"sentence": F.normalize(eos, dim=-1),                            # (B, D)
+                "words": F.normalize(words, dim=-1),                             # (B, L, D)
+                "word_mask": mask.to(words.dtype)}                               # (B, L) 1 = real word
+
+    def encode_video(self, frames: Tensor, captions: Tensor | None = None) -> Features:
+        T = frames.shape[1]
+        if T > self.cfg.max_frames:
+            raise ValueError(f"clips have {T} frames but model.ucofia.max_frames={self.cfg.max_frames}; "
+                             "raise max_frames (it sizes the ISA matrices) or sample fewer frames")
+        cls, patches = self.backbone.encode_frames(frames, patches=True)         # (B,T,D), (B,T,P,D)
+        g = cls if self.temporal is None else self.temporal(cls)                 # (B, T, D)
+        video = F.normalize(F.normalize(g, dim=-1).mean(dim=1), dim=-1)         # (B, D)
+        selected, _ = self.selector(cls, patches)                                # (B, T, K, D)
+        if self.cfg.keep_cls_token:
+            selected = torch.cat([cls.unsqueeze(2), selected], dim=2)            # (B, T, K+1, D)
+        tokens = F.normalize(selected, dim=-1).flatten(1, 2)                     # (B, T*K', D)
+        return {"video": video,                                                  # (B, D)
+                "frames": F.normalize(cls, dim=-1),                              # (B, T, D)
+                "patches": tokens}                                               # (B, T*K', D)
+
+    # -- similarities ---------------------------------------------------------------------------
+    def _check(self, text: Features, video: Features) -> None:
+        if not (text["word_mask"] > 0.5).any(dim=1).all():
+            raise ValueError("UCoFIA: a text has no real word (word_mask all 0); every caption needs at "
+                             "least its SOT/EOS tokens")
+        T, N = video["frames"].shape[1], video["patches"].shape[1]
+        if T > self.cfg.max_frames:
+            raise ValueError(f"video features carry {T} frames but model.ucofia.max_frames="
+                             f"{self.cfg.max_frames}")
+        if N > self.patch_isa.shape[0]:
+            raise ValueError(f"video features carry {N} patch tokens but model.ucofia.max_frames="
+                             f"{self.cfg.max_frames} x tokens_per_frame={self.cfg.tokens_per_frame} "
+                             f"allows {self.patch_isa.shape[0]}")
+
+    def _fine_tile(self, s: Tensor, words: Tensor, mask: Tensor, frames: Tensor, patches: Tensor
+                   ) -> tuple[Tensor, Tensor]:
+        """One tile: s (a, D), words (a, L, D) projected, mask (a, L) bool, frames (b, T, D),
+        patches (b, N, D) projected -> frame-sentence (a, b), patch-word (a, b)."""
+        tau = self.cfg.isa_temperature
+        c = torch.einsum("ad,btd->abt", s, frames)                               # (a, b, T)
+        s_fs = isa(c, self.frame_isa, tau)                                       # (a, b)
+        m = torch.einsum("ald,bnd->abnl", words, patches)                        # (a, b, N, L)
+        s_pw = bi_isa(m, self.word_isa, self.patch_isa, self.patch_isa_across, self.word_isa_across,
+                      tau, mask[:, None, :])                                     # (a, b)
+        return s_fs, s_pw
+
+    def granularity_similarities(self, text: Features, video: Features) -> dict[str, Tensor]:
+        """Per-granularity (N_t, N_v) similarities (cosine units, no SK), computed in tiles."""
+        self._check(text, video)
+        mask = text["word_mask"] > 0.5                                           # (Nt, L)
+        real = mask.any(dim=0).nonzero()
+        L = int(real.max()) + 1 if real.numel() else 1                           # longest caption
+        s = text["sentence"]                                                     # (Nt, D)
+        words = text["words"][:, :L] @ self.word_mat                             # (Nt, L, D)
+        mask = mask[:, :L]                                                       # (Nt, L)
+        patches = video["patches"] @ self.patch_mat                              # (Nv, N, D)
+        frames = video["frames"]                                                 # (Nv, T, D)
+        s_vs = (s @ self.sentence_mat) @ (video["video"] @ self.video_mat).t()   # (Nt, Nv)
+        n_t, n_v, step = s.shape[0], frames.shape[0], self.cfg.chunk_size
+        rows_fs, rows_pw = [], []
+        for i in range(0, n_t, step):
+            ti = slice(i, i + step)
+            tiles = [self._fine_tile(s[ti], words[ti], mask[ti], frames[j:j + step], patches[j:j + step])
+                     for j in range(0, n_v, step)]
+            rows_fs.append(torch.cat([t[0] for t in tiles], dim=1))              # (a, Nv)
+            rows_pw.append(torch.cat([t[1] for t in tiles], dim=1))              # (a, Nv)
+        return {"video_sentence": s_vs,
+                "frame_sentence": torch.cat(rows_fs, dim=0),                     # (Nt, Nv)
+                "patch_word": torch.cat(rows_pw, dim=0)}                         # (Nt, Nv)
+
+    def sinkhorn_temperature(self) -> float:
+        """τ = 1 / e^θ (CLIP's learned temperature, e^θ clamped at 100 as in the loss)."""
+        return 1.0 / float(self.backbone.logit_scale.detach().exp().clamp(max=100.0))
+
+    def combine(self, sims: dict[str, Tensor], sinkhorn_iters: int | None = None,
+                bank: dict[str, Tensor] | None = None) -> Tensor:
+        """Average the granularities, each SK-normalised first: (1/3) Σ_g SK_τ(S_g) -> (N_t, N_v).
+
+        ``sinkhorn_iters`` None = ``cfg.sinkhorn_iters``; 0 = plain mean. SK needs the *full*
+        matrices (all evaluated texts x all videos). ``bank``: optional per-granularity
+        (N_bank, N_v) matrices for the official bank form (see :func:`tvr.sinkhorn.sinkhorn_normalise`).
+        """
+        missing = [g for g in GRANULARITIES if g not in sims]
+        if missing:
+            raise KeyError(f"UCoFIA.combine: missing granularities {missing}; pass the dict returned "
+                           "by granularity_similarities")
+        n_iter = self.cfg.sinkhorn_iters if sinkhorn_iters is None else sinkhorn_iters
+        tau = self.sinkhorn_temperature() if n_iter else 1.0
+        out = [sinkhorn_normalise(sims[g], n_iter, temperature=tau,
+                                  bank=None if bank is None else bank[g]) for g in GRANULARITIES]
+        return torch.stack(out).mean(dim=0)                                      # (N_t, N_v)
+
+    def similarity(self, text: Features, video: Features) -> Tensor:
+        """Blockwise inference scores (N_t, N_v): the granularity mean without SK."""
+        return self.combine(self.granularity_similarities(text, video), sinkhorn_iters=0)
+
+    def loss(self, text: Features, video: Features) -> dict[str, Tensor]:
+        sims = self.granularity_similarities(text, video)
+        scale = self.backbone.logit_scale
+        total = symmetric_ce(clip_logits(self.combine(sims, sinkhorn_iters=0), scale))
+        out = {"loss": total}
+        with torch.no_grad():
+            for g in GRANULARITIES:
+                out[f"ce_{g}"] = symmetric_ce(clip_logits(sims[g], scale))
+        return out
+
+    def param_groups(self, lr: float, backbone_lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        return backbone_head_groups(self, lr, backbone_lr, weight_decay)
+
+
+SPEC = MethodSpec(name="ucofia", config_cls=UCoFIACfg, build=UCoFIA,
+                  summary="UCoFIA: video-sentence + frame-sentence + patch-word alignment, ISA/Bi-ISA, SK")
