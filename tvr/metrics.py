@@ -130,14 +130,14 @@ def ranks_from_matrix(sims: Tensor, text_to_video: Tensor | None = None, *, bloc
 
 def summarize(ranks: Tensor, prefix: str) -> dict[str, float]:
     r = ranks.double()
-    out = {f"{prefix}_R@{k}": float((r <= k).double().mean() * 100) for k in KS}
+    out = {f"{prefix}_R{k}": float((r <= k).double().mean() * 100) for k in KS}
     out[f"{prefix}_MdR"] = float(torch.quantile(r, 0.5))
     out[f"{prefix}_MnR"] = float(r.mean())
     return out
 
 
 def retrieval_metrics(ranks: Ranks) -> dict[str, float]:
-    """{'t2v_R@1', 't2v_R@5', 't2v_R@10', 't2v_MdR', 't2v_MnR', and the same for v2t}."""
+    """{'t2v_R1', 't2v_R5', 't2v_R10', 't2v_MdR', 't2v_MnR', and the same for v2t}."""
     return {**summarize(ranks.t2v, "t2v"), **summarize(ranks.v2t, "v2t")}
 
 

@@ -150,6 +150,10 @@ class JobCfg:
         if self.model.method not in METHODS:
             raise ValueError(f"model.method={self.model.method!r} is not a tvr method; "
                              f"choose one of {sorted(METHODS)}")
+        frames = getattr(self.method_cfg, "num_frames", None)
+        if frames is not None and frames != self.data.num_frames:
+            raise ValueError(f"model.{self.model.method}.num_frames ({frames}) must equal data.num_frames "
+                             f"({self.data.num_frames}): set both")
 
     # -- derived paths (no side effects) ------------------------------------------------------
     @property

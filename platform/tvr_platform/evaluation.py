@@ -33,13 +33,18 @@ def to_device(feats: Features, device: torch.device | str) -> Features:
     return {k: v.to(device) for k, v in feats.items()}
 
 
+def _to_cpu_float(feats: Features) -> Features:
+    """Floating features -> float32 on CPU (bf16 models); integer features (e.g. keys) kept exact."""
+    return {k: (v.float() if v.is_floating_point() else v).cpu() for k, v in feats.items()}
+
+
 @torch.no_grad()
 def embed_texts(model: ModelCall, texts: Tensor, batch_size: int, device: torch.device | str) -> Features:
     """texts (N, L) -> features on CPU, float32."""
     out = []
     for i in range(0, texts.shape[0], batch_size):
         f = model(mode="text", text=texts[i:i + batch_size].to(device))
-        out.append({k: v.float().cpu() for k, v in f.items()})
+        out.append(_to_cpu_float(f))
     return concat_features(out)
 
 
@@ -52,7 +57,7 @@ def embed_videos(model: ModelCall, batches: Iterable[dict[str, Tensor]],
         captions = batch.get("aux_texts")
         f = model(mode="video", frames=batch["frames"].to(device),
                   captions=None if captions is None else captions.to(device))
-        feats.append({k: v.float().cpu() for k, v in f.items()})
+        feats.append(_to_cpu_float(f))
         index.append(batch["video_index"].long().cpu())
     return concat_features(feats), torch.cat(index)
 

@@ -22,7 +22,7 @@ def print_table(title: str, rows: dict[str, Any]) -> None:
         print(f"{k:<{width}}  {v:>10.2f}" if isinstance(v, float) else f"{k:<{width}}  {v!s:>10}")
 
 
-METRIC_ORDER = [f"{d}_{m}" for d in ("t2v", "v2t") for m in ("R@1", "R@5", "R@10", "MdR", "MnR")]
+METRIC_ORDER = [f"{d}_{m}" for d in ("t2v", "v2t") for m in ("R1", "R5", "R10", "MdR", "MnR")]
 
 
 def ensure_synthetic(job: JobCfg) -> None:

@@ -106,7 +106,7 @@ def register_model(job: JobCfg, weights_path: Path, run_id: str, *, name: str, m
     return version
 
 
-def promote(tracking_uri: str, name: str, version: str, *, metric: str = "t2v_R@1", mode: str = "max",
+def promote(tracking_uri: str, name: str, version: str, *, metric: str = "t2v_R1", mode: str = "max",
             challenger: str = "challenger", champion: str = "champion") -> dict[str, Any]:
     """Point ``challenger`` at ``version``; move ``champion`` too only if it beats the current
     champion on ``metric`` (version tags ``metric.<metric>``, recorded on the same eval set)."""

@@ -73,12 +73,17 @@ def run_training(job: JobCfg, *, callbacks: list | None = None, tracker: Tracker
         tracker = start_run(job)
         tracker.log_text(job_to_yaml(job), "config/job.yaml")
     storage_path, storage_fs = run_storage(job)
+    if job.train.num_workers == 0 and storage_fs is None:
+        (Path(storage_path) / job.run.name / "local").mkdir(parents=True, exist_ok=True)
     config = {
         "job": job_to_dict(job),
         "tracker": {"tracking_uri": tracker.tracking_uri, "run_id": tracker.run_id},
         "num_train_videos": len(train_manifest.video_ids),
         "num_test_videos": len(test_manifest.video_ids),
         "pretrained_path": resolve_pretrained(job),
+        # Ray Train local mode does not upload checkpoints: keep them in the run's folder.
+        "local_checkpoint_root": (str(Path(storage_path) / job.run.name / "local")
+                                  if job.train.num_workers == 0 and storage_fs is None else None),
         **(extra_config or {}),
     }
     trainer = TorchTrainer(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import random
 import resource
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -162,21 +163,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     metrics.update(scores)
             metrics = gather_objects(metrics)[0]
         if tracker:
-            tracker.log_metrics({k if "/" in k else f"val/{k}" if "@" in k or "Md" in k or "Mn" in k else k: v
+            tracker.log_metrics({f"val/{k}" if k.startswith(("t2v_", "v2t_")) else k: v
                                  for k, v in metrics.items()}, step=global_step)
 
         # -- checkpoint + report (a collective in Ray Train V2) ---------------------------------
-        with tempfile.TemporaryDirectory() as tmp:
-            d = Path(tmp)
-            strategy.save(d, {"epoch": epoch, "global_step": global_step})
-            torch.save({"torch": torch.get_rng_state()}, d / f"rng_rank{rank}.pt")
-            if last:
-                state = strategy.export_state_dict(d)
-                if state is not None:
-                    prefix = "method."
-                    torch.save({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
-                               d / EXPORT_FILE)
-            if rank == 0:
-                (d / STATE_FILE).write_text(json.dumps({"epoch": epoch, "global_step": global_step}))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=f"epoch={epoch:04d}")
+        # Ray uploads the directory to the run's storage during report; in local mode
+        # (train.num_workers=0) nothing is uploaded, so the directory is kept under the work dir.
+        tmp = tempfile.mkdtemp(prefix=f"ckpt-e{epoch}-r{rank}-", dir=config.get("local_checkpoint_root"))
+        d = Path(tmp)
+        strategy.save(d, {"epoch": epoch, "global_step": global_step})
+        torch.save({"torch": torch.get_rng_state()}, d / f"rng_rank{rank}.pt")
+        if last:
+            state = strategy.export_state_dict(d)
+            if state is not None:
+                prefix = "method."
+                torch.save({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
+                           d / EXPORT_FILE)
+        if rank == 0:
+            (d / STATE_FILE).write_text(json.dumps({"epoch": epoch, "global_step": global_step}))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"epoch={epoch:04d}")
+        if not config.get("local_checkpoint_root"):
+            shutil.rmtree(tmp, ignore_errors=True)

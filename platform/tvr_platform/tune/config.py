@@ -14,7 +14,7 @@ class TuneCfg:
     """Trials to sample (grid axes multiply it, as in Ray Tune)."""
     search_alg: Literal["random", "optuna"] = "random"
     """random/grid (Ray's BasicVariantGenerator) or Optuna TPE."""
-    metric: str = "t2v_R@1"
+    metric: str = "t2v_R1"
     """Validation metric the campaign optimises."""
     mode: Literal["max", "min"] = "max"
     """Whether ``metric`` is maximised or minimised."""
