@@ -1,0 +1,421 @@
+"""ExCae ECS: expertized caption selection, Yang, Chen, Li, Yao, "Expertized Caption Auto-Enhancement
+for Video-Text Retrieval", arXiv 2502.02885 (2025); official code github.com/CaryXiang/ECA4VTR
+(mirrored as HyunjoonChun/ECA4VTR: ``code/moe_fusion.py`` ``ECSModule``, ``code/model.py``).
+
+The caption half of ExCae (CSI, the prompt self-improvement loop that writes the K auxiliary
+captions) is :mod:`tvr.captioning`; this module is the retrieval model that consumes them.
+
+Symbols. For video j: F_j = [f_1 .. f_T] ∈ R^{T×D} CLIP CLS frame features, C_j = [c_1 .. c_K] ∈
+R^{K×D} CLIP EOS features of its K auxiliary captions with validity mask μ_k ∈ {0, 1} (an all-zero
+token row is padding, μ_k = 0). For text i: t_i ∈ R^D its CLIP EOS feature. M experts, top-k routing.
+
+Experts (official ``Expert_General`` = ``nn.TransformerEncoder`` + final LayerNorm). Expert m reads
+one "view" X^{(m)}_j of the video, in the official order of combinations (single embeddings first,
+then the full concatenation), assigned round-robin m mod 3:
+
+    view 0 (captions):  X = [c_1 .. c_K]          view 1 (frames): X = [f_1 .. f_T]
+    view 2 (joint):     X = [c_1 .. c_K, f_1 .. f_T]
+    e_m(j) = Enc_m([ε_m ; X^{(m)}_j])[0]   ∈ R^D  (ε_m a learned read-out token of expert m,
+                                                   padding captions masked out of attention)
+
+Router (official ``GatingNetwork``: Linear(·, 256) -> ReLU -> Linear(256, M)), here conditioned on
+the query text as well, so every (text i, video j) pair is routed on its own (``router="pair"``):
+
+    u_j   = [ Σ_k μ_k c_k / Σ_k μ_k ; (1/T) Σ_t f_t ]                 (2D)  video summary
+    z_ij  = W₂ ReLU(W_t t_i + W_v u_j + b₁) + b₂                      (M)   router logits
+    p_ij  = softmax(z_ij)                                                    full router probabilities
+    𝒦_ij  = top-k(z_ij),  g_ijm = exp(z_ijm) / Σ_{n∈𝒦_ij} exp(z_ijn)  for m ∈ 𝒦_ij, else 0
+    r_j   = ( Σ_k μ_k c_k + Σ_t f_t ) / ( Σ_k μ_k + T )               (D)   official residual
+                                                                             ``concat.mean(dim=1)``
+    v_{j|i} = Σ_m g_ijm e_m(j) + r_j
+    s_ecs(i, j) = cos(t_i, v_{j|i})
+
+``router="text"`` drops the W_v u_j term (routing by the query only), ``router="video"`` drops W_t t_i
+(routing by the video only, as the official code does; it gates on the concatenated first caption /
+first frame features, here on their masked means u_j).
+
+Only the k active experts carry gradient for a pair: g_ijm = 0 exactly for m ∉ 𝒦_ij. The score is
+evaluated without materialising v_{j|i} ∈ R^{N_t×N_v×D}: with t̂_i = t_i / ‖t_i‖, E_j = [e_1(j) ..
+e_M(j)] ∈ R^{M×D}, Gram matrix Γ_j = E_j E_jᵀ,
+
+    ⟨t̂_i, v_{j|i}⟩ = Σ_m g_ijm ⟨t̂_i, e_m(j)⟩ + ⟨t̂_i, r_j⟩
+    ‖v_{j|i}‖²     = g_ijᵀ Γ_j g_ij + 2 Σ_m g_ijm ⟨e_m(j), r_j⟩ + ‖r_j‖²
+
+so a chunk of c texts costs O(c · N_v · max(M, H)) memory (H = router width), not O(c · N_v · D).
+
+Training on a batch of B matching pairs (every (i, j) pair is routed, since all of them enter the
+contrastive loss), P = B² routed pairs:
+
+    L_ecs = ½ [ CE(S/τ, diag) + CE(Sᵀ/τ, diag) ]                 CLIP's learnable τ
+    f_m   = (1 / (P·k)) Σ_{(i,j)} 1[m ∈ 𝒦_ij]                      fraction of assignments (Σ f_m = 1)
+    P̄_m  = (1 / P) Σ_{(i,j)} p_ijm                               mean router probability
+    L_bal = M · Σ_m f_m · P̄_m                                     Switch Transformer (Fedus et al.
+                                                                  2021, eq. 4) / GShard auxiliary
+                                                                  loss, top-k form; = 1 when balanced
+    L     = L_ecs + α · L_bal                                     α = ``balance_weight`` (0.01, Switch)
+
+f_m is piecewise constant (no gradient); the gradient reaches the router through P̄_m. The loss
+dict also reports ``expert_util_max`` = max_m f_m and ``expert_frac_XX`` = f_m per expert.
+
+Plug-in mode (``base`` = meanp | xpool | tmass | any registered method other than excae), the
+paper's plug-in table: ECS augments another method's video representation. The base method is
+built on the *same* backbone and used only through the generic interface, so the combination is
+at the score level, a convex mix with w = ``plugin_weight``:
+
+    S = (1 − w) · S_base + w · S_ecs
+    L = L_base + CE-sym(S/τ) + α · L_bal       L_base: the base method's own full loss (with its
+                                               auxiliary terms); base features live under "base.*"
+
+Official hyper-parameters that the released code does not pin (its config file is not public)
+and what is assumed here: 16 experts, top-2 (the paper's ablation setting), 1 encoder layer,
+8 heads, feed-forward 4·D (PyTorch's default 2048 for D = 512), dropout 0.1 (PyTorch default).
+
+Deviations from the official code (documented choices, not accidents):
+- routing is conditioned on the query text (``router="pair"``, default) as the task requires;
+  ``router="video"`` reproduces the official text-independent gating;
+- the official gate uses sparse top-k only in training and a dense softmax over all experts at
+  inference; here top-k is used in both (``dense_eval=True`` restores the official inference);
+- each expert reads out a learned token ε_m instead of output position 0 (the first caption or
+  first frame), so padded captions and videos without captions are handled; the router's video
+  summary u_j uses masked means instead of the first caption / first frame for the same reason;
+- views are assigned round-robin (m mod 3) instead of in blocks of ``num_experts_per_combination``,
+  so any M ≥ 3 covers all three views;
+- the Switch/GShard load-balancing loss is added (the official code has none in the release);
+- ``caption_grad=False`` encodes captions without gradient through the text tower (memory saver).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tvr.backbone import ClipBackbone
+from tvr.losses import clip_logits, symmetric_ce
+from tvr.methods.base import Features, MethodSpec, backbone_head_groups
+
+VIEWS = ("captions", "frames", "joint")
+"""Input view of expert m is VIEWS[m % 3] (official order: single embeddings, then all)."""
+
+ROUTERS = ("pair", "text", "video")
+
+
+@dataclass(kw_only=True)
+class ExCaeCfg:
+    """ExCae expertized caption selection (ECS), optionally plugged into another method."""
+
+    num_experts: int = 16
+    """M, the number of expert networks."""
+    top_k: int = 2
+    """Experts activated per (text, video) pair."""
+    router: str = "pair"
+    """Router input: 'pair' (query text + video summary), 'text' (query only), 'video' (official)."""
+    router_hidden: int = 256
+    """Hidden width of the router MLP (official GatingNetwork: 256)."""
+    expert_layers: int = 1
+    """Transformer encoder layers per expert."""
+    expert_heads: int = 8
+    """Attention heads per expert layer (must divide the embedding width)."""
+    expert_ff_mult: int = 4
+    """Expert feed-forward width = expert_ff_mult x embedding width."""
+    dropout: float = 0.1
+    """Dropout inside the experts."""
+    balance_weight: float = 0.01
+    """α, weight of the Switch/GShard load-balancing loss (0 = off)."""
+    dense_eval: bool = False
+    """Official inference: dense softmax over all experts in eval mode (False = top-k always)."""
+    caption_grad: bool = True
+    """Back-propagate into the text tower through the caption embeddings (official: yes)."""
+    base: str = "none"
+    """Plug-in base method: 'none' (ECS alone), 'meanp', 'xpool', 'tmass' (any method but excae)."""
+    base_options: dict[str, Any] = field(default_factory=dict)
+    """Keyword overrides for the base method's own config class (e.g. {'num_heads': 2})."""
+    plugin_weight: float = 0.5
+    """w in S = (1 - w) S_base + w S_ecs (plug-in mode only)."""
+    sim_chunk: int = 32
+    """Texts scored at once in ``similarity``; memory ~ sim_chunk x N_v x max(M, router_hidden)."""
+
+    def __post_init__(self) -> None:
+        for name in ("num_experts", "top_k", "router_hidden", "expert_layers", "expert_heads",
+                     "expert_ff_mult", "sim_chunk"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"model.excae.{name} must be a positive integer, got {value!r}")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"model.excae.top_k={self.top_k} exceeds model.excae.num_experts="
+                             f"{self.num_experts}; choose top_k <= num_experts")
+        if self.router not in ROUTERS:
+            raise ValueError(f"model.excae.router must be one of {ROUTERS}, got {self.router!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.excae.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.balance_weight < 0:
+            raise ValueError(f"model.excae.balance_weight must be >= 0, got {self.balance_weight!r}")
+        if not 0.0 < self.plugin_weight <= 1.0:
+            raise ValueError(f"model.excae.plugin_weight must be in (0, 1], got {self.plugin_weight!r}")
+        if self.base == "excae":
+            raise ValueError("model.excae.base cannot be 'excae'; choose none, meanp, xpool or tmass")
+
+
+class Expert(nn.Module):
+    """One expert: [ε ; X] -> TransformerEncoder (+ final LayerNorm) -> output at ε."""
+
+    def __init__(self, *, dim: int, heads: int, layers: int, ff: int, dropout: float):
+        super().__init__()
+        self.readout_embedding = nn.Parameter(torch.randn(dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, heads, ff, dropout, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, norm=nn.LayerNorm(dim), enable_nested_tensor=False)
+
+    def forward(self, x: Tensor, valid: Tensor) -> Tensor:
+        """x (B, S, D) tokens, valid (B, S) bool -> (B, D)."""
+        B = x.shape[0]
+        tok = self.readout_embedding.to(x.dtype).expand(B, 1, -1)         # (B, 1, D)
+        seq = torch.cat([tok, x], dim=1)                                 # (B, 1+S, D)
+        keep = torch.cat([valid.new_ones(B, 1), valid], dim=1)           # (B, 1+S)
+        out = self.encoder(seq, src_key_padding_mask=~keep)              # (B, 1+S, D)
+        return out[:, 0]                                                 # (B, D)
+
+
+class Router(nn.Module):
+    """z_ij = W₂ ReLU(W_t t_i + W_v u_j + b₁) + b₂ for a block of texts x videos."""
+
+    def __init__(self, *, dim: int, hidden: int, num_experts: int, mode: str):
+        super().__init__()
+        self.mode = mode
+        self.text_in = nn.Linear(dim, hidden, bias=False) if mode in ("pair", "text") else None
+        self.video_in = nn.Linear(2 * dim, hidden, bias=False) if mode in ("pair", "video") else None
+        self.bias = nn.Parameter(torch.zeros(hidden))
+        self.out = nn.Linear(hidden, num_experts)
+
+    def forward(self, text: Tensor, route: Tensor) -> Tensor:
+        """text (N_t, D), route (N_v, 2D) -> logits (N_t, N_v, M)."""
+        Nt, Nv = text.shape[0], route.shape[0]
+        h = self.bias.to(text.dtype).expand(Nt, Nv, -1)                  # (Nt, Nv, H)
+        if self.text_in is not None:
+            h = h + self.text_in(text)[:, None, :]                       # (Nt, 1, H)
+        if self.video_in is not None:
+            h = h + self.video_in(route)[None, :, :]                     # (1, Nv, H)
+        return self.out(F.relu(h))                                       # (Nt, Nv, M)
+
+
+def top_k_gates(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """logits (..., M) -> sparse gates (..., M) (softmax over the top k, zero elsewhere), indices (..., k)."""
+    vals, idx = logits.topk(k, dim=-1)                                   # (..., k)
+    gates = torch.zeros_like(logits).scatter(-1, idx, vals.softmax(dim=-1))
+    return gates, idx
+
+
+def load_balance_loss(probs_sum: Tensor, counts: Tensor, num_pairs: int, k: int) -> tuple[Tensor, Tensor]:
+    """Switch/GShard L_bal = M Σ_m f_m P̄_m from Σ_pairs p (M,) and assignment counts (M,).
+
+    Returns (L_bal, f) with f_m = counts_m / (num_pairs · k)."""
+    M = probs_sum.shape[0]
+    frac = counts.to(probs_sum.dtype) / (num_pairs * k)                  # (M,) f_m, sums to 1
+    mean_prob = probs_sum / num_pairs                                    # (M,) P̄_m
+    return M * (frac * mean_prob).sum(), frac
+
+
+@contextlib.contextmanager
+def shared_backbone_calls(backbone: ClipBackbone) -> Iterator[None]:
+    """Within the block, repeated ``encode_frames`` / ``encode_text`` calls on the *same* input
+    tensor (the base method's and ECS's) run the backbone once; a cached patches=True / tokens=True
+    result also serves a later request without them. Instance attributes shadow the methods and
+    are removed on exit, so nothing leaks outside one encode call."""
+    cache: dict[tuple[str, int], tuple[Tensor, tuple]] = {}
+    frames_fn, text_fn = backbone.encode_frames, backbone.encode_text
+
+    def encode_frames(frames: Tensor, patches: bool = False):
+        hit = cache.get(("frames", id(frames)))
+        if hit is not None and hit[0] is frames and (not patches or hit[1][1] is not None):
+            return hit[1]
+        out = frames_fn(frames, patches=patches)
+        cache[("frames", id(frames))] = (frames, out)
+        return out
+
+    def encode_text(text: Tensor, tokens: bool = False):
+        hit = cache.get(("text", id(text)))
+        if hit is not None and hit[0] is text and (not tokens or hit[1][1] is not None):
+            return hit[1]
+        out = text_fn(text, tokens=tokens)
+        cache[("text", id(text))] = (text, out)
+        return out
+
+    backbone.encode_frames = encode_frames  # type: ignore[method-assign]
+    backbone.encode_text = encode_text  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del backbone.encode_frames
+        del backbone.encode_text
+
+
+class ExCae(nn.Module):
+    def __init__(self, cfg: ExCaeCfg, backbone: ClipBackbone):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = backbone                     # registered first: shared params are named backbone.*
+        D = backbone.embed_dim
+        if D % cfg.expert_heads:
+            raise ValueError(f"model.excae.expert_heads={cfg.expert_heads} must divide the embedding "
+                             f"width {D} of model.backbone.name={backbone.cfg.name!r}")
+        self.experts = nn.ModuleList(
+            Expert(dim=D, heads=cfg.expert_heads, layers=cfg.expert_layers, ff=cfg.expert_ff_mult * D,
+                   dropout=cfg.dropout) for _ in range(cfg.num_experts))
+        self.views = [VIEWS[m % len(VIEWS)] for m in range(cfg.num_experts)]
+        self.router = Router(dim=D, hidden=cfg.router_hidden, num_experts=cfg.num_experts, mode=cfg.router)
+        self.base: nn.Module | None = None
+        if cfg.base != "none":
+            from tvr.methods import get_spec  # lazy: tvr.methods imports this module
+
+            spec = get_spec(cfg.base)
+            try:
+                base_cfg = spec.config_cls(**dict(cfg.base_options))
+            except TypeError as err:
+                raise ValueError(f"model.excae.base_options: {err}; valid keys are the fields of "
+                                 f"{spec.config_cls.__name__}") from None
+            self.base = spec.build(base_cfg, backbone)
+
+    # -- encoders ---------------------------------------------------------------------------------
+    def encode_text(self, text: Tensor) -> Features:
+        with shared_backbone_calls(self.backbone):
+            out = {f"base.{k}": v for k, v in self.base.encode_text(text).items()} if self.base else {}
+            eos, _, _ = self.backbone.encode_text(text)                  # (B, D)
+        out["text"] = eos
+        return out
+
+    def encode_captions(self, captions: Tensor | None, B: int, like: Tensor) -> tuple[Tensor, Tensor]:
+        """captions (B, K, L) ids (all-zero rows = padding) -> embeddings (B, K, D), valid (B, K)."""
+        D = self.backbone.embed_dim
+        if captions is None:
+            return like.new_zeros(B, 0, D), torch.zeros(B, 0, dtype=torch.bool, device=like.device)
+        if captions.ndim != 3 or captions.shape[0] != B:
+            raise ValueError(f"ExCae.encode_video: captions must be (B={B}, K, L) token ids, "
+                             f"got {tuple(captions.shape)}")
+        K, L = captions.shape[1:]
+        flat = captions.reshape(B * K, L)                                # (B*K, L)
+        valid = (flat != 0).any(dim=-1)                                  # (B*K,)
+        emb = like.new_zeros(B * K, D)                                   # (B*K, D)
+        if bool(valid.any()):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.caption_grad):
+                eos, _, _ = self.backbone.encode_text(flat[valid])       # (n_valid, D)
+            emb = emb.index_put((valid.nonzero().squeeze(1),), eos.to(emb.dtype))
+        return emb.view(B, K, D), valid.view(B, K)                       # (B, K, D), (B, K)
+
+    def encode_video(self, frames: Tensor, captions: Tensor | None = None) -> Features:
+        B = frames.shape[0]
+        with shared_backbone_calls(self.backbone):
+            out = ({f"base.{k}": v for k, v in self.base.encode_video(frames, captions).items()}
+                   if self.base else {})
+            f, _ = self.backbone.encode_frames(frames)                   # (B, T, D)
+        c, mu = self.encode_captions(captions, B, f)                     # (B, K, D), (B, K)
+        T = f.shape[1]
+        mu_f = mu.to(f.dtype)                                            # (B, K)
+        n_cap = mu_f.sum(dim=1, keepdim=True)                            # (B, 1)
+        cap_sum = (c * mu_f[..., None]).sum(dim=1)                       # (B, D)
+        residual = (cap_sum + f.sum(dim=1)) / (n_cap + T)                # (B, D) r_j
+        route = torch.cat([cap_sum / n_cap.clamp(min=1), f.mean(dim=1)], dim=-1)  # (B, 2D) u_j
+        joint = torch.cat([c, f], dim=1)                                 # (B, K+T, D)
+        joint_valid = torch.cat([mu, mu.new_ones(B, T)], dim=1)          # (B, K+T)
+        inputs = {"captions": (c, mu), "frames": (f, mu.new_ones(B, T)), "joint": (joint, joint_valid)}
+        experts = torch.stack([expert(*inputs[view]) for expert, view in zip(self.experts, self.views)],
+                              dim=1)                                     # (B, M, D) e_m(j)
+        out.update(experts=experts, residual=residual, route=route)
+        return out
+
+    # -- scoring ----------------------------------------------------------------------------------
+    def _check(self, text: Features, video: Features) -> None:
+        for key, feats, where in (("text", text, "encode_text"), ("experts", video, "encode_video"),
+                                  ("residual", video, "encode_video"), ("route", video, "encode_video")):
+            if key not in feats:
+                raise KeyError(f"ExCae: features need {key!r} from ExCae.{where}, got {sorted(feats)}")
+        if self.base is not None and not any(k.startswith("base.") for k in video):
+            raise KeyError(f"ExCae(base={self.cfg.base!r}): video features lack the base method's "
+                           f"'base.*' entries; encode them with this ExCae model")
+
+    def gates(self, logits: Tensor) -> tuple[Tensor, Tensor]:
+        """Router logits (..., M) -> gates (..., M) and top-k indices (..., k)."""
+        gates, idx = top_k_gates(logits, self.cfg.top_k)
+        if not self.training and self.cfg.dense_eval:
+            gates = logits.softmax(dim=-1)
+        return gates, idx
+
+    def _ecs_chunk(self, t: Tensor, video: Features) -> tuple[Tensor, Tensor, Tensor]:
+        """Texts t (c, D) x all videos -> s_ecs (c, N_v), router probs (c, N_v, M), top-k idx (c, N_v, k)."""
+        E, r = video["experts"], video["residual"]                       # (Nv, M, D), (Nv, D)
+        logits = self.router(t, video["route"])                          # (c, Nv, M)
+        g, idx = self.gates(logits)                                      # (c, Nv, M), (c, Nv, k)
+        th = F.normalize(t, dim=-1)                                      # (c, D) t̂_i
+        te = torch.einsum("id,jmd->ijm", th, E)                          # (c, Nv, M) ⟨t̂_i, e_m(j)⟩
+        num = (g * te).sum(-1) + th @ r.t()                              # (c, Nv)
+        gram = torch.einsum("jmd,jnd->jmn", E, E)                        # (Nv, M, M) Γ_j
+        er = torch.einsum("jmd,jd->jm", E, r)                            # (Nv, M) ⟨e_m(j), r_j⟩
+        quad = (torch.einsum("ijm,jmn->ijn", g, gram) * g).sum(-1)       # (c, Nv) gᵀ Γ g
+        sq = quad + 2 * (g * er[None]).sum(-1) + (r * r).sum(-1)[None]   # (c, Nv) ‖v_{j|i}‖²
+        return num * sq.clamp(min=1e-12).rsqrt(), logits.softmax(dim=-1), idx
+
+    def ecs_similarity(self, text: Features, video: Features) -> Tensor:
+        """s_ecs (N_t, N_v), chunked over texts."""
+        t = text["text"]
+        out = [self._ecs_chunk(tc, video)[0] for tc in t.split(self.cfg.sim_chunk)]
+        return torch.cat(out) if out else t.new_zeros(0, video["experts"].shape[0])
+
+    @staticmethod
+    def _sub(feats: Features) -> Features:
+        return {k[5:]: v for k, v in feats.items() if k.startswith("base.")}
+
+    def similarity(self, text: Features, video: Features) -> Tensor:
+        self._check(text, video)
+        s = self.ecs_similarity(text, video)                             # (Nt, Nv)
+        if self.base is None:
+            return s
+        w = self.cfg.plugin_weight
+        return (1 - w) * self.base.similarity(self._sub(text), self._sub(video)) + w * s
+
+    def loss(self, text: Features, video: Features) -> dict[str, Tensor]:
+        self._check(text, video)
+        M, k = self.cfg.num_experts, self.cfg.top_k
+        t = text["text"]                                                 # (B, D)
+        rows, probs_sum = [], t.new_zeros(M)
+        counts = torch.zeros(M, dtype=torch.long, device=t.device)
+        for tc in t.split(self.cfg.sim_chunk):
+            s, p, idx = self._ecs_chunk(tc, video)                       # (c, B), (c, B, M), (c, B, k)
+            rows.append(s)
+            probs_sum = probs_sum + p.sum(dim=(0, 1))                    # (M,)
+            counts += torch.bincount(idx.reshape(-1), minlength=M)       # (M,)
+        s_ecs = torch.cat(rows)                                          # (B, B)
+        num_pairs = s_ecs.numel()
+        bal, frac = load_balance_loss(probs_sum, counts, num_pairs, k)
+        out: dict[str, Tensor] = {}
+        if self.base is None:
+            sims = s_ecs
+            total = symmetric_ce(clip_logits(sims, self.backbone.logit_scale))
+            out["loss_ecs"] = total.detach()
+        else:
+            w = self.cfg.plugin_weight
+            base_out = self.base.loss(self._sub(text), self._sub(video))
+            sims = (1 - w) * self.base.similarity(self._sub(text), self._sub(video)) + w * s_ecs
+            fused = symmetric_ce(clip_logits(sims, self.backbone.logit_scale))
+            total = base_out["loss"] + fused
+            out.update({f"base_{n}": v.detach() for n, v in base_out.items()})
+            out["loss_fused"] = fused.detach()
+        total = total + self.cfg.balance_weight * bal
+        frac = frac.detach()
+        out.update(loss=total, loss_balance=bal.detach(), expert_util_max=frac.max())
+        out.update({f"expert_frac_{m:02d}": frac[m] for m in range(M)})
+        return out
+
+    def param_groups(self, lr: float, backbone_lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        return backbone_head_groups(self, lr, backbone_lr, weight_decay)
+
+
+def build(cfg: ExCaeCfg, backbone: ClipBackbone) -> ExCae:
+    return ExCae(cfg, backbone)
+
+
+SPEC = MethodSpec(name="excae", config_cls=ExCaeCfg, build=build,
+                  summary="ExCae expertized caption selection: top-k text-routed experts over frames + "
+                          "auxiliary captions, optionally plugged into another method (Yang et al. 2025)")
