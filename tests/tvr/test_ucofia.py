@@ -117,6 +117,19 @@ def test_bi_isa_matches_reference_with_word_mask():
     torch.testing.assert_close(bi_isa(M2, *Ws, tau, mask)[0], got[0], rtol=0, atol=1e-12)
 
 
+def test_isa_and_bi_isa_gradients():
+    g = torch.Generator().manual_seed(5)
+    M = (torch.rand(2, 3, 4, generator=g, dtype=torch.float64) * 2 - 1).requires_grad_()
+    Ws = [(torch.eye(n, dtype=torch.float64) + 0.3 * torch.randn(n, n, generator=g, dtype=torch.float64)
+           ).requires_grad_() for n in (4, 3, 3, 4)]
+    mask = torch.tensor([[True, True, False, False], [True, True, True, True]])
+    assert torch.autograd.gradcheck(lambda m, *w: bi_isa(m, *w, 0.5, mask), (M, *Ws))
+    x = torch.rand(3, 5, generator=g, dtype=torch.float64).requires_grad_()
+    W = torch.randn(5, 5, generator=g, dtype=torch.float64).requires_grad_()
+    xmask = torch.tensor([[True] * 5, [True, False, True, False, True], [False, True, True, True, True]])
+    assert torch.autograd.gradcheck(lambda x, w: isa(x, w, 0.3, xmask), (x, W))
+
+
 # -- top-K selection -----------------------------------------------------------------------------
 
 def test_perturbed_topk_forward_and_gradient_match_reference():
@@ -329,3 +342,22 @@ def test_bad_inputs_name_the_field(backbone):
     too_many = _model(backbone, topk=17)   # tvr-tiny has 16 patches per frame
     with pytest.raises(ValueError, match="topk=17"):
         too_many.encode_video(_frames(1, 2))
+
+
+def test_checkpointed_tiles_give_the_same_loss_and_gradients(backbone):
+    plain = _model(backbone, chunk_size=2)
+    _perturb_mats(plain)
+    ckpt = _model(backbone, chunk_size=2, checkpoint_tiles=True)
+    ckpt.load_state_dict(plain.state_dict())
+    ids = backbone.tokenize(CAPTIONS[:3])
+    frames = _frames(3, 2)
+    grads = []
+    for model in (plain, ckpt):   # eval mode: hard top-K, so both see identical features
+        model.zero_grad(set_to_none=True)
+        loss = model.loss(model.encode_text(ids), model.encode_video(frames))["loss"]
+        loss.backward()
+        grads.append((loss.detach(), model.word_isa.grad.clone(), model.patch_isa.grad.clone()))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    plain.zero_grad(set_to_none=True)
+    ckpt.zero_grad(set_to_none=True)

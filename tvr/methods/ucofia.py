@@ -49,9 +49,11 @@ three (N_t, N_v) matrices, and calls :meth:`UCoFIA.combine` on them, which norma
 (``sinkhorn_iters``) and averages. ``combine(..., bank=...)`` takes the official bank form.
 
 Memory: the patch-word part touches every (text, video, token, word) quadruple. It is computed in
-tiles of ``chunk_size`` texts x ``chunk_size`` videos, so at most (chunk², N, L') scores are alive
-at once, never (N_t, N_v, N, L). Word positions are trimmed to the longest caption of the block
-(exact: masked words get zero attention and the mixing rows of padded positions are never used).
+tiles of ``chunk_size`` texts x ``chunk_size`` videos, so at inference at most a few
+(chunk, chunk, N, L') tensors are alive at once, never (N_t, N_v, N, L). In training autograd keeps
+every tile's activations unless ``checkpoint_tiles`` recomputes them in backward. Word positions are
+trimmed to the longest caption of the block (exact: masked words get zero attention and the mixing
+rows of padded positions are never used).
 
 Official defaults (scripts/train_msrvtt.sh, modeling_ucofia.py, differential_topk.py):
 ViT-B/32, 12 frames, 32 words, top-K = 3 patches + CLS per frame (``num_pixel = 4``),
@@ -86,6 +88,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from tvr.backbone import ClipBackbone
 from tvr.losses import clip_logits, symmetric_ce
@@ -118,6 +121,9 @@ class UCoFIACfg:
     """SK iterations applied by :meth:`UCoFIA.combine` at full evaluation (official 4); 0 = off."""
     chunk_size: int = 64
     """Texts and videos per tile of the fine-grained scoring (memory ~ chunk² · N · L floats)."""
+    checkpoint_tiles: bool = False
+    """In training, recompute every tile in backward (torch.utils.checkpoint): activation memory of
+    the fine-grained part drops from O(B² · N · L) to O(chunk² · N · L) for ~1.3x its compute."""
 
     def __post_init__(self) -> None:
         for name in ("topk", "max_frames", "topk_samples", "chunk_size"):
@@ -146,17 +152,24 @@ def isa(x: Tensor, weight: Tensor, temperature: float, mask: Tensor | None = Non
     mask broadcastable to x, True = real entry -> (...,).
 
         a = softmax_μ(x/τ);  b = softmax_μ(aW/τ);  ISA = Σ_i b_i x_i
+
+    Masked entries get -inf logits in both softmaxes, hence weight exactly 0 (x must be finite
+    there). 1/τ is folded into W, and the masks are applied in place, to save passes over the
+    (chunk, chunk, N, L) tensors.
     """
     n = x.shape[-1]
-    w = weight[:n, :n]                                                           # (n, n)
-    logits = x / temperature                                                     # (..., n)
-    if mask is not None:
-        logits = logits.masked_fill(~mask, float("-inf"))
+    inv_tau = 1.0 / temperature
+    w = weight[:n, :n] * inv_tau                                                 # (n, n) = W/τ
+    neg = None if mask is None else ~mask
+    logits = x * inv_tau                                                         # (..., n)
+    if neg is not None:
+        logits.masked_fill_(neg, float("-inf"))
     a = torch.softmax(logits, dim=-1)                                            # (..., n)
-    mixed = (a @ w) / temperature                                                # (..., n)
-    if mask is not None:
-        mixed = mixed.masked_fill(~mask, float("-inf"))
-        x = x.masked_fill(~mask, 0.0)
+    del logits
+    mixed = a @ w                                                                # (..., n) = aW/τ
+    del a
+    if neg is not None:
+        mixed.masked_fill_(neg, float("-inf"))
     b = torch.softmax(mixed, dim=-1)                                             # (..., n)
     return (b * x).sum(dim=-1)                                                   # (...,)
 
@@ -171,7 +184,7 @@ def bi_isa(m: Tensor, w_row: Tensor, w_col: Tensor, w_row_across: Tensor, w_col_
     """
     row_mask = None if word_mask is None else word_mask.unsqueeze(-2)           # (..., 1, L)
     r = isa(m, w_row, temperature, row_mask)                                     # (..., N)
-    q = isa(m.transpose(-1, -2), w_col, temperature)                             # (..., L)
+    q = isa(m.transpose(-1, -2).contiguous(), w_col, temperature)                # (..., L)
     s_r = isa(r, w_row_across, temperature)                                      # (...,)
     s_q = isa(q, w_col_across, temperature, word_mask)                           # (...,)
     return 0.5 * (s_r + s_q)
@@ -332,6 +345,11 @@ class UCoFIA(nn.Module):
                       tau, mask[:, None, :])                                     # (a, b)
         return s_fs, s_pw
 
+    def _tile(self, *args: Tensor) -> tuple[Tensor, Tensor]:
+        if self.cfg.checkpoint_tiles and torch.is_grad_enabled():
+            return checkpoint(self._fine_tile, *args, use_reentrant=False)
+        return self._fine_tile(*args)
+
     def granularity_similarities(self, text: Features, video: Features) -> dict[str, Tensor]:
         """Per-granularity (N_t, N_v) similarities (cosine units, no SK), computed in tiles."""
         self._check(text, video)
@@ -348,7 +366,7 @@ class UCoFIA(nn.Module):
         rows_fs, rows_pw = [], []
         for i in range(0, n_t, step):
             ti = slice(i, i + step)
-            tiles = [self._fine_tile(s[ti], words[ti], mask[ti], frames[j:j + step], patches[j:j + step])
+            tiles = [self._tile(s[ti], words[ti], mask[ti], frames[j:j + step], patches[j:j + step])
                      for j in range(0, n_v, step)]
             rows_fs.append(torch.cat([t[0] for t in tiles], dim=1))              # (a, Nv)
             rows_pw.append(torch.cat([t[1] for t in tiles], dim=1))              # (a, Nv)
