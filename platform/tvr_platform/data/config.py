@@ -24,6 +24,8 @@ class SynthCfg:
     """Frame width and height in pixels."""
     seed: int = 0
     """Everything generated is a function of this seed."""
+    keyframe_interval: int = 0
+    """H.264 keyframe every N frames (0 = one per second, like most web video)."""
 
     def __post_init__(self) -> None:
         if self.num_clips < 4:
@@ -53,7 +55,9 @@ class DataCfg:
     eval_captions: Literal["first", "all"] = "all"
     """Evaluation protocol: one caption per clip, or all captions (v2t with several positives)."""
     decode_concurrency: int = 2
-    """Parallel decode tasks in Ray Data."""
+    """Parallel decode actors in Ray Data."""
+    decode_num_cpus: float = 1.0
+    """CPUs reserved per decode actor (lower it, e.g. 0.5, when training workers take every CPU)."""
     synth: SynthCfg = field(default_factory=SynthCfg)
     """Generator settings, used by ``tvr data synth`` and the quickstart."""
 
@@ -62,3 +66,5 @@ class DataCfg:
             raise ValueError("data.num_frames must be >= 1")
         if self.batch_size < 1 or self.eval_batch_size < 1:
             raise ValueError("data.batch_size and data.eval_batch_size must be >= 1")
+        if self.decode_concurrency < 1 or not self.decode_num_cpus > 0:
+            raise ValueError("data.decode_concurrency must be >= 1 and data.decode_num_cpus > 0")

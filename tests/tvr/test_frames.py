@@ -1,0 +1,173 @@
+"""PyAV decoding: sampling indices, keyframe-aware decoding == full decoding, resize/crop,
+normalisation, colours and order of the generator's known content, and bad input."""
+
+from __future__ import annotations
+
+import io
+
+import av
+import numpy as np
+import pytest
+
+from tvr.data.frames import (
+    OPENAI_MEAN,
+    OPENAI_STD,
+    DecodeError,
+    decode_all,
+    decode_frames,
+    normalize,
+    sample_indices,
+)
+from tvr.data.synthetic import COLOURS, encode_mp4, render_frames, sample_spec
+
+
+def _clip(num_frames=36, size=32, seed=0, keyint=None):
+    spec = sample_spec(np.random.default_rng(seed), "v", num_frames=num_frames, size=size, fps=12)
+    return spec, encode_mp4(render_frames(spec), 12, keyint=keyint)
+
+
+def _bframes_mp4(frames, gop=10):
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as c:
+        s = c.add_stream("libx264", rate=12)
+        s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        s.options = {"preset": "fast", "bf": "3", "threads": "1", "x264-params": f"keyint={gop}:scenecut=0"}
+        for a in frames:
+            for p in s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return buf.getvalue()
+
+
+def test_uniform_indices_are_segment_middles_and_random_ones_stay_in_their_segment():
+    assert sample_indices(24, 8).tolist() == [1, 4, 7, 10, 13, 16, 19, 22]
+    assert sample_indices(10, 4).tolist() == [1, 3, 6, 8]   # segments [0,2.5) [2.5,5) [5,7.5) [7.5,10)
+    for seed in range(20):
+        idx = sample_indices(100, 8, mode="random", rng=np.random.default_rng(seed))
+        for k, i in enumerate(idx):
+            assert int(np.floor(k * 100 / 8)) <= i < int(np.floor((k + 1) * 100 / 8))
+    a = sample_indices(100, 8, mode="random", rng=np.random.default_rng(1))
+    b = sample_indices(100, 8, mode="random", rng=np.random.default_rng(1))
+    assert np.array_equal(a, b)
+    assert sample_indices(3, 5).tolist() == [0, 1, 2, 2, 2]          # short clip: last frame repeated
+    with pytest.raises(DecodeError):
+        sample_indices(0, 4)
+
+
+@pytest.mark.parametrize("keyint", [3, 12, 250])
+@pytest.mark.parametrize("mode", ["uniform", "random"])
+def test_sampled_frames_equal_the_same_frames_of_a_full_decode(keyint, mode):
+    _, data = _clip(keyint=keyint)
+    ref = decode_all(data)                                               # (36, 32, 32, 3)
+    for seed in range(3):
+        res = decode_frames(data, 8, mode=mode, rng=np.random.default_rng(seed))
+        assert res.method == "index" and not res.warnings
+        assert res.frames.shape == (8, 32, 32, 3) and res.frames.dtype == np.uint8
+        assert np.array_equal(res.frames, ref[res.indices])
+        seq = decode_frames(data, 8, mode=mode, rng=np.random.default_rng(seed), force_sequential=True)
+        assert np.array_equal(seq.frames, res.frames) and seq.method == "sequential"
+
+
+def test_b_frames_and_reordering_decode_exactly():
+    spec = sample_spec(np.random.default_rng(4), "v", num_frames=60, size=32, fps=12)
+    data = _bframes_mp4(render_frames(spec))
+    ref = decode_all(data)
+    assert len(ref) == 60
+    for seed in range(4):
+        res = decode_frames(data, 6, mode="random", rng=np.random.default_rng(seed))
+        assert np.array_equal(res.frames, ref[res.indices])
+
+
+def test_decoded_colours_and_motion_order_match_the_generator():
+    spec, data = _clip(num_frames=24, size=64, seed=2)
+    res = decode_frames(data, 8)
+    mover = np.array(COLOURS[spec.mover_colour], np.int32)
+    centres = []
+    for t, frame in zip(res.indices, res.frames):
+        x, y = spec.mover_position(int(t))
+        pix = frame[int(y), int(x)].astype(np.int32)
+        assert np.abs(pix - mover).max() <= 40, (t, pix, mover)
+        # centroid of the mover's colour: the motion goes the caption's way, frame after frame
+        mask = np.abs(frame.astype(np.int32) - mover).max(-1) <= 40
+        ys, xs = np.nonzero(mask)
+        centres.append((xs.mean(), ys.mean()))
+        other = np.array(COLOURS[spec.other_colour], np.int32)
+        ox, oy = spec.other_pos
+        seen = np.abs(frame[int(oy), int(ox)].astype(np.int32) - other).max() <= 40
+        assert seen == spec.other_visible(int(t))
+    c = np.array(centres)
+    axis, sign = {"left": (0, -1), "right": (0, 1), "up": (1, -1), "down": (1, 1)}[spec.direction]
+    steps = np.diff(c[:, axis]) * sign
+    assert (steps >= -0.5).all() and steps.sum() > spec.size * 0.4
+
+
+def test_resize_keeps_aspect_and_centre_crops():
+    frames = np.zeros((6, 32, 48, 3), np.uint8)
+    frames[:, :, :8] = (255, 0, 0)                    # red band on the left, cropped away
+    frames[:, :, 8:40] = (0, 0, 255)                  # blue centre
+    frames[:, :, 40:] = (0, 255, 0)                   # green band on the right, cropped away
+    res = decode_frames(encode_mp4(frames, 12), 3, size=16)
+    assert res.frames.shape == (3, 16, 16, 3)
+    blue = res.frames[:, :, 2:14].reshape(-1, 3).astype(int)
+    assert (blue[:, 2] > 200).all() and (blue[:, 0] < 60).all() and (blue[:, 1] < 60).all()
+
+
+def test_normalize_is_clip_normalisation_channels_first():
+    x = np.random.default_rng(0).integers(0, 256, (2, 4, 5, 3), dtype=np.uint8)
+    y = normalize(x)
+    assert y.shape == (2, 3, 4, 5) and y.dtype == np.float32
+    for c in range(3):
+        ref = (x[..., c].astype(np.float64) / 255.0 - OPENAI_MEAN[c]) / OPENAI_STD[c]
+        np.testing.assert_allclose(y[:, c], ref, atol=1e-5)
+
+
+def test_short_clip_is_padded_with_its_last_frame():
+    _, data = _clip(num_frames=5)
+    res = decode_frames(data, 8)
+    ref = decode_all(data)
+    assert res.padded and res.num_source_frames == 5
+    assert res.indices.tolist() == [0, 1, 2, 3, 4, 4, 4, 4]
+    assert np.array_equal(res.frames, ref[[0, 1, 2, 3, 4, 4, 4, 4]])
+
+
+def _audio_only() -> bytes:
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as c:
+        s = c.add_stream("aac", rate=16000)
+        s.layout = "mono"
+        for i in range(10):
+            f = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            f.sample_rate, f.pts = 16000, i * 1024
+            for p in s.encode(f):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("case", ["empty", "garbage", "audio_only", "truncated_head"])
+def test_undecodable_inputs_raise_decode_error_with_a_reason(case):
+    _, good = _clip()
+    data = {"empty": b"", "garbage": bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)),
+            "audio_only": _audio_only() if case == "audio_only" else b"",
+            "truncated_head": good[: len(good) // 3]}[case]
+    with pytest.raises(DecodeError) as info:
+        decode_frames(data, 4, size=16)
+    msg = str(info.value)
+    if case == "empty":
+        assert "empty" in msg
+    if case == "audio_only":
+        assert "no video stream" in msg and "audio" in msg
+
+
+def test_damaged_middle_still_gives_t_frames_or_a_clear_error():
+    _, good = _clip(num_frames=48, keyint=6)
+    data = bytearray(good)
+    mid = len(data) // 2
+    data[mid:mid + 200] = bytes(200)                   # zero a chunk of the bitstream
+    try:
+        res = decode_frames(bytes(data), 8, size=16)
+    except DecodeError:
+        return
+    assert res.frames.shape == (8, 16, 16, 3)
