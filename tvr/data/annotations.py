@@ -1,0 +1,292 @@
+"""Readers of published text-video retrieval annotation files -> one plain :class:`Manifest`.
+
+A manifest is the list of videos of one split and every caption of them:
+
+    video_ids[i]      the dataset's id of video i               e.g. "video7020"
+    video_files[i]    its file, relative to the videos folder   e.g. "video7020.mp4"
+    captions[j]       caption j                                 e.g. "a woman creating a fondant baby"
+    caption_video[j]  index into video_ids of caption j's video (captions of a video are contiguous,
+                      in file order; for MSR-VTT test the JSFusion sentence comes first)
+
+Readers take a *source*: anything with ``read_bytes(relative_path) -> bytes`` and
+``exists(relative_path) -> bool`` (a local :class:`LocalSource`, or ``tvr_platform``'s Storage for
+S3). Field and file names are those of the original releases (see each reader's docstring).
+
+Bad annotations never stop a job: an empty caption, or one that is not valid UTF-8, is dropped;
+a video left without any caption is dropped; a repeated video id keeps its first occurrence.
+Each drop is recorded in ``Manifest.quarantine`` as ``{"uri": <file>#<id>, "reason": ...}``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+
+class AnnotationError(ValueError):
+    """An annotation file is missing or malformed; the message names the file and what to do."""
+
+
+class Source(Protocol):
+    def read_bytes(self, path: str) -> bytes: ...
+
+    def exists(self, path: str) -> bool: ...
+
+
+class LocalSource:
+    """A local directory as a :class:`Source`."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def read_bytes(self, path: str) -> bytes:
+        return (self.root / path).read_bytes()
+
+    def exists(self, path: str) -> bool:
+        return (self.root / path).exists()
+
+    def url(self, path: str = "") -> str:
+        return str(self.root / path)
+
+
+@dataclass(kw_only=True)
+class Manifest:
+    dataset: str
+    split: str
+    video_ids: list[str]
+    video_files: list[str]
+    captions: list[str]
+    caption_video: list[int]
+    segments: list[tuple[float, float] | None] | None = None
+    """Optional (start, end) seconds per video, for datasets whose clips are parts of a file."""
+    quarantine: list[dict[str, str]] = field(default_factory=list)
+    """Records of what was dropped while reading: {"uri", "reason"}."""
+
+    def __post_init__(self) -> None:
+        n = len(self.video_ids)
+        if len(self.video_files) != n or (self.segments is not None and len(self.segments) != n):
+            raise ValueError("Manifest: video_ids, video_files and segments must have the same length")
+        if len(self.captions) != len(self.caption_video):
+            raise ValueError("Manifest: captions and caption_video must have the same length")
+        if any(not 0 <= v < n for v in self.caption_video):
+            raise ValueError("Manifest: caption_video holds an index outside video_ids")
+
+    @property
+    def num_videos(self) -> int:
+        return len(self.video_ids)
+
+    @property
+    def num_captions(self) -> int:
+        return len(self.captions)
+
+    def captions_per_video(self) -> list[list[int]]:
+        """For each video, the indices of its captions (in manifest order)."""
+        out: list[list[int]] = [[] for _ in self.video_ids]
+        for j, v in enumerate(self.caption_video):
+            out[v].append(j)
+        return out
+
+    @property
+    def max_captions(self) -> int:
+        return max((len(c) for c in self.captions_per_video()), default=0)
+
+    def first_captions(self) -> tuple[list[str], list[int]]:
+        """One caption per video (the first): (captions, caption_video)."""
+        per = self.captions_per_video()
+        idx = [c[0] for c in per if c]
+        return [self.captions[j] for j in idx], [self.caption_video[j] for j in idx]
+
+    def head(self, n: int) -> Manifest:
+        """The first ``n`` videos and their captions (for smoke runs)."""
+        keep = list(range(min(n, self.num_videos)))
+        caps = [(c, v) for c, v in zip(self.captions, self.caption_video) if v < len(keep)]
+        return Manifest(dataset=self.dataset, split=self.split, video_ids=self.video_ids[:n],
+                        video_files=self.video_files[:n], captions=[c for c, _ in caps],
+                        caption_video=[v for _, v in caps],
+                        segments=None if self.segments is None else self.segments[:n],
+                        quarantine=list(self.quarantine))
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+def _text(source: Source, path: str) -> str:
+    """File contents as text; bytes that are not UTF-8 become lone surrogates (found later)."""
+    if not source.exists(path):
+        where = source.url(path) if hasattr(source, "url") else path
+        raise AnnotationError(f"{where}: annotation file not found; check data.root and data.format")
+    data = source.read_bytes(path)
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    return data.decode("utf-8", errors="surrogateescape")
+
+
+def _json(source: Source, path: str) -> Any:
+    try:
+        return json.loads(_text(source, path))
+    except json.JSONDecodeError as err:
+        raise AnnotationError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}); "
+                              "re-download the annotation file") from None
+
+
+def _jsonl(source: Source, path: str) -> list[Any]:
+    out = []
+    for i, line in enumerate(_text(source, path).splitlines()):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise AnnotationError(f"{path}: line {i + 1} is not valid JSON ({err.msg})") from None
+    return out
+
+
+def _csv(source: Source, path: str, required: Iterable[str], delimiter: str = ",") -> list[dict[str, str]]:
+    reader = csv.reader(io.StringIO(_text(source, path)), delimiter=delimiter)
+    header = [h.strip() for h in next(reader, [])]
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise AnnotationError(f"{path}: missing column(s) {missing} (header {header[:8]}); "
+                              "expected the published format")
+    return [dict(zip(header, row)) for row in reader if row]
+
+
+def _need(record: dict, key: str, path: str) -> Any:
+    if key not in record:
+        raise AnnotationError(f"{path}: a record lacks the field {key!r} (has {sorted(record)[:8]}); "
+                              "is data.format right?")
+    return record[key]
+
+
+def caption_problem(caption: Any) -> str | None:
+    """Why a caption is unusable (None if fine)."""
+    if not isinstance(caption, str):
+        return f"caption is {type(caption).__name__}, not text"
+    if not caption.strip():
+        return "empty caption"
+    if any(0xD800 <= ord(ch) <= 0xDFFF for ch in caption) or "\ufffd" in caption:
+        return "caption is not valid UTF-8"
+    return None
+
+
+class _Builder:
+    """Collects (video, captions) in order, applying the documented drop rules."""
+
+    def __init__(self, dataset: str, split: str, file_of: Callable[[str], str]):
+        self.dataset, self.split, self.file_of = dataset, split, file_of
+        self.order: list[str] = []
+        self.caps: dict[str, list[str]] = {}
+        self.segments: dict[str, tuple[float, float] | None] = {}
+        self.files: dict[str, str] = {}
+        self.quarantine: list[dict[str, str]] = []
+
+    def video(self, vid: str, *, file: str | None = None, segment: tuple[float, float] | None = None,
+              where: str = "") -> None:
+        vid = str(vid)
+        if vid in self.caps:
+            return
+        self.order.append(vid)
+        self.caps[vid] = []
+        self.files[vid] = file or self.file_of(vid)
+        self.segments[vid] = segment
+
+    def caption(self, vid: str, caption: Any, where: str) -> None:
+        vid = str(vid)
+        if vid not in self.caps:
+            return
+        problem = caption_problem(caption)
+        if problem:
+            self.quarantine.append({"uri": f"{where}#{vid}", "reason": problem})
+            return
+        caption = " ".join(caption.split())
+        if caption not in self.caps[vid]:
+            self.caps[vid].append(caption)
+
+    def build(self, where: str) -> Manifest:
+        ids = []
+        for v in self.order:
+            if self.caps[v]:
+                ids.append(v)
+            else:
+                self.quarantine.append({"uri": f"{where}#{v}", "reason": "video has no usable caption; dropped"})
+        if not ids:
+            raise AnnotationError(f"{where}: split {self.split!r} of {self.dataset} has no video with a caption")
+        captions, caption_video = [], []
+        for i, v in enumerate(ids):
+            captions += self.caps[v]
+            caption_video += [i] * len(self.caps[v])
+        segs = [self.segments[v] for v in ids]
+        return Manifest(dataset=self.dataset, split=self.split, video_ids=ids,
+                        video_files=[self.files[v] for v in ids], captions=captions,
+                        caption_video=caption_video,
+                        segments=segs if any(s is not None for s in segs) else None,
+                        quarantine=self.quarantine)
+
+
+# -- MSR-VTT ------------------------------------------------------------------------------------
+
+MSRVTT_SPLITS = ("train", "train.9k", "train.7k", "val", "test", "test.full")
+
+
+def read_msrvtt(source: Source, split: str) -> Manifest:
+    """MSR-VTT (Xu et al. 2016) as CLIP4Clip / X-Pool read it.
+
+    Files: ``MSRVTT_data.json`` ({"videos": [{"video_id", "split", ...}], "sentences": [{"caption",
+    "video_id", "sen_id"}]}), ``MSRVTT_train.9k.csv`` / ``MSRVTT_train.7k.csv`` (column
+    ``video_id``), ``MSRVTT_JSFUSION_test.csv`` (``key,vid_key,video_id,sentence``). Videos are
+    ``<video_id>.mp4``.
+
+    Splits: ``train`` = ``train.9k`` (the 9k csv; if it is absent, JSON split "train"),
+    ``train.7k``; ``val`` (JSON "validate"); ``test`` = JSFusion 1k-A: the csv sentence first, then
+    (when MSRVTT_data.json is there) the video's other captions, so eval_captions='first' is exactly
+    the 1k-A protocol; ``test.full`` (JSON "test", 2,990 videos in the release).
+    """
+    if split not in MSRVTT_SPLITS:
+        raise AnnotationError(f"data split {split!r} is not an MSR-VTT split; choose one of {MSRVTT_SPLITS}")
+    b = _Builder("msrvtt", split, lambda v: f"{v}.mp4")
+    data_path = "MSRVTT_data.json"
+    data = _json(source, data_path) if (split != "test" or source.exists(data_path)) else None
+    if data is not None and (not isinstance(data, dict) or "sentences" not in data):
+        raise AnnotationError(f"{data_path}: expected an object with 'videos' and 'sentences'")
+    where = data_path
+    if split == "test":
+        where = "MSRVTT_JSFUSION_test.csv"
+        for row in _csv(source, where, ["video_id", "sentence"]):
+            b.video(row["video_id"])
+            b.caption(row["video_id"], row["sentence"], where)
+    elif split in ("train", "train.9k", "train.7k"):
+        csv_name = "MSRVTT_train.7k.csv" if split == "train.7k" else "MSRVTT_train.9k.csv"
+        if split == "train" and not source.exists(csv_name):
+            for v in data.get("videos", []):
+                if _need(v, "split", data_path) == "train":
+                    b.video(_need(v, "video_id", data_path))
+        else:
+            for row in _csv(source, csv_name, ["video_id"]):
+                b.video(row["video_id"])
+            where = csv_name
+    else:
+        wanted = "validate" if split == "val" else "test"
+        for v in _need(data, "videos", data_path):
+            if _need(v, "split", data_path) == wanted:
+                b.video(_need(v, "video_id", data_path))
+    if data is not None:
+        for s in data["sentences"]:
+            b.caption(_need(s, "video_id", data_path), _need(s, "caption", data_path), data_path)
+    return b.build(where)
+
+
+READERS: dict[str, Callable[[Source, str], Manifest]] = {
+    "msrvtt": read_msrvtt,
+}
+
+
+def read_manifest(source: Source | str | Path, fmt: str, split: str) -> Manifest:
+    """Read split ``split`` of a dataset in format ``fmt`` from ``source`` (a dir or a Source)."""
+    if isinstance(source, str | Path):
+        source = LocalSource(source)
+    if fmt not in READERS:
+        raise AnnotationError(f"data.format={fmt!r} has no reader; choose one of {sorted(READERS)}")
+    return READERS[fmt](source, split)
