@@ -1,0 +1,83 @@
+"""The Ray Data decode UDF, in a light module (numpy, PyAV, pyarrow; no torch, no open_clip) so
+that decode actors start fast. The rules it applies are documented in :mod:`.pipeline`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import uuid
+
+import numpy as np
+
+from tvr.data.frames import DecodeError, decode_frames, normalize
+from tvr_platform.storage import Storage, StorageError, retry_call
+
+log = logging.getLogger(__name__)
+
+
+class DecodeClips:
+    """Ray Data callable class: rows with ``file`` (+ segment) -> ``frames`` float32 (T, 3, S, S)."""
+
+    def __init__(self, *, videos: Storage, num_frames: int, size: int, mean: tuple[float, ...],
+                 std: tuple[float, ...], train: bool, seed: int, split: str, quarantine: Storage | None):
+        self.videos, self.fs = videos, videos.pyarrow_filesystem()
+        self.num_frames, self.size, self.mean, self.std = num_frames, size, mean, std
+        self.train, self.seed, self.split = train, seed, split
+        self.quarantine = quarantine
+
+    def _read(self, rel: str) -> bytes:
+        path = self.videos.arrow_path(rel)
+
+        def read() -> bytes:
+            with self.fs.open_input_file(path) as f:
+                return f.readall()
+
+        return retry_call(read, what=self.videos.url(rel))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from ray.data import DataContext
+
+        pass_idx = int(getattr(DataContext.get_current(), "_execution_idx", 0) or 0)
+        keep, frames, records = [], [], []
+        for i, rel in enumerate(batch["file"]):
+            rel = str(rel)
+            vidx = int(batch["video_index"][i])
+            seg = (float(batch["seg_start"][i]), float(batch["seg_end"][i]))
+            seg = None if math.isnan(seg[0]) else seg
+            uri = self.videos.url(rel)
+            rng = np.random.default_rng([self.seed, int(batch["epoch_seed"][i]), pass_idx, vidx])
+            try:
+                data = self._read(rel)
+                res = decode_frames(data, self.num_frames, size=self.size,
+                                    mode="random" if self.train else "uniform", rng=rng, segment=seg)
+            except (DecodeError, FileNotFoundError, StorageError, OSError) as err:
+                reason = f"{type(err).__name__}: {err}"
+                if isinstance(err, FileNotFoundError):
+                    reason = "missing video file"
+                records.append({"uri": uri, "reason": reason[:300], "split": self.split,
+                                "action": "skipped" if self.train else "zero frames"})
+                if not self.train:
+                    keep.append(i)
+                    frames.append(np.zeros((self.num_frames, 3, self.size, self.size), np.float32))
+                continue
+            if res.padded:
+                records.append({"uri": uri, "reason": f"clip has {res.num_source_frames} frame(s) < "
+                                f"data.num_frames={self.num_frames}", "split": self.split,
+                                "action": "padded with the last frame"})
+            if res.warnings:
+                records.append({"uri": uri, "reason": "; ".join(res.warnings), "split": self.split,
+                                "action": "patched"})
+            keep.append(i)
+            frames.append(normalize(res.frames, self.mean, self.std))             # (T, 3, S, S)
+        if records and self.quarantine is not None:
+            blob = "".join(json.dumps(r) + "\n" for r in records).encode("utf-8")
+            try:
+                self.quarantine.write_bytes(f"part-{uuid.uuid4().hex}.jsonl", blob)
+            except StorageError as err:
+                log.warning("could not write quarantine records: %s", err)
+        out = {k: v[keep] for k, v in batch.items()
+               if k not in ("file", "seg_start", "seg_end", "epoch_seed")}
+        empty = np.zeros((0, self.num_frames, 3, self.size, self.size), np.float32)
+        out["frames"] = np.stack(frames) if frames else empty                      # (B', T, 3, S, S)
+        return out

@@ -1,0 +1,258 @@
+"""Annotation manifests + video storage -> Ray Data datasets of ready tensors (what the trainer calls).
+
+    manifest = load_manifest(job, job.data.train_split)
+    ds = train_dataset(job, manifest)            # rows: frames, texts, num_texts, video_index
+    trainer = TorchTrainer(..., datasets={"train": ds, "test": video_dataset(job, test_manifest)})
+    # in the worker:
+    for b in ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=job.data.batch_size):
+        text = pick_captions(b["texts"], b["num_texts"], b["video_index"], epoch, job.run.seed)  # (B, L)
+        frames = b["frames"]                                                                  # (B, T, 3, S, S)
+    # after fit:
+    write_quarantine(job, run_dir_uri, manifest, test_manifest)
+
+Rows (no string columns, so ``iter_torch_batches`` works directly):
+
+- ``train_dataset``: ``frames`` float32 (T, 3, S, S), S = the backbone's input size, normalised
+  with the backbone's mean/std; ``texts`` int64 (K_max, L): every caption of the clip tokenised
+  with the backbone tokenizer, rows of zeros after the ``num_texts`` real ones; ``num_texts``
+  int64; ``video_index`` int64 (index into ``manifest.video_ids``).
+- ``video_dataset``: ``frames``, ``video_index``.
+
+Sampling: T frames, random offset inside each of T equal segments for training, segment middles
+for evaluation (:mod:`tvr.data.frames`). Training offsets and the row order are deterministic
+functions of ``(run.seed, epoch_seed, pass, video_index)``, where *pass* is Ray Data's execution
+index of the dataset (``DataContext._execution_idx``, incremented on every iteration), so every
+epoch that iterates the same dataset sees fresh offsets and a fresh order, reproducibly.
+
+Decoding runs in ``map_batches`` with a callable class (one pyarrow filesystem per actor;
+``data.decode_concurrency`` actors of ``data.decode_num_cpus`` CPUs) that reads the bytes from
+the videos URI (local, or S3 through ``pyarrow.fs.S3FileSystem`` with the job's endpoint) with
+retries on transient errors, and decodes with PyAV (keyframe-aware sampling).
+
+Bad input never kills a job. Rules (each case is counted and written to the quarantine report,
+one JSON object per line: ``{"uri", "reason", "split", "action"}``):
+
+- annotation problems (empty / non-UTF-8 caption, a video without captions, repeated ids): dropped
+  when the manifest is read (``Manifest.quarantine``);
+- a missing, zero-length, corrupt, truncated-beyond-use, audio-only or undecodable video:
+  *training* skips the row; *evaluation* keeps it with all-zero frames (so that video indices stay
+  aligned and the clip simply counts as a miss in the metrics);
+- a clip shorter than T frames: padded by repeating its last frame (action "padded");
+- a partly damaged clip: the nearest decodable frames stand in (action "patched").
+
+Records are appended by the decode actors as small JSONL part files under
+``quarantine_uri(job)`` (``<storage>/quarantine/<run.name>/<split>/``);
+:func:`write_quarantine` merges them with the manifests' records into one ``quarantine.jsonl``
+next to the run and returns the number of records.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from pathlib import PurePosixPath
+from typing import Any
+
+import numpy as np
+import torch
+
+from tvr.data.annotations import Manifest, read_manifest
+from tvr_platform.config import JobCfg, join_uri
+from tvr_platform.data.decode import DecodeClips
+from tvr_platform.storage import Storage, storage_for
+
+log = logging.getLogger(__name__)
+
+
+# -- backbone facts, without building the model --------------------------------------------------
+
+def backbone_preprocess(name: str, pretrained: str | None = None) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
+    """(image size, mean, std) of open_clip model ``name`` from its config (no weights built).
+
+    mean/std: the pretrained tag's values when ``pretrained`` is an open_clip tag, else the
+    model config's ``preprocess_cfg``, else OpenAI CLIP's -- the same precedence as
+    ``open_clip.create_model``.
+    """
+    import open_clip
+
+    from tvr.backbone import register_tvr_model_configs
+
+    register_tvr_model_configs()
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        raise ValueError(f"model.backbone.name={name!r} is not an open_clip model config")
+    size = cfg.get("vision_cfg", {}).get("image_size", 224)
+    size = int(size[0] if isinstance(size, list | tuple) else size)
+    mean, std = tuple(open_clip.OPENAI_DATASET_MEAN), tuple(open_clip.OPENAI_DATASET_STD)
+    pp = cfg.get("preprocess_cfg") or {}
+    mean, std = tuple(pp.get("mean", mean)), tuple(pp.get("std", std))
+    if pretrained and "/" not in pretrained and not pretrained.endswith((".pt", ".bin", ".safetensors")):
+        tag = open_clip.get_pretrained_cfg(name, pretrained) or {}
+        mean, std = tuple(tag.get("mean") or mean), tuple(tag.get("std") or std)
+    return size, mean, std
+
+
+def _tokens(job: JobCfg, captions: list[str]) -> np.ndarray:
+    from tvr.backbone import get_tokenizer
+
+    tok = get_tokenizer(job.model.backbone.name)
+    if not captions:
+        return np.zeros((0, tok.context_length), np.int64)
+    return tok(captions).numpy().astype(np.int64)                            # (N, L)
+
+
+# -- storage locations ---------------------------------------------------------------------------
+
+def dataset_storage(job: JobCfg) -> Storage:
+    return storage_for(job, job.dataset_uri)
+
+
+def videos_uri(job: JobCfg) -> str:
+    v = job.data.videos
+    if "://" in v or PurePosixPath(v).is_absolute():
+        return v
+    return join_uri(job.dataset_uri, v)
+
+
+def quarantine_uri(job: JobCfg, split: str = "") -> str:
+    return join_uri(job.storage_uri, "quarantine", job.run.name, split)
+
+
+# -- manifests and tokens ------------------------------------------------------------------------
+
+def load_manifest(job: JobCfg, split: str) -> Manifest:
+    """Read split ``split`` of the dataset at ``job.dataset_uri`` in format ``job.data.format``."""
+    st = dataset_storage(job).check()
+    m = read_manifest(st, job.data.format, split)
+    for rec in m.quarantine:
+        rec.setdefault("split", split)
+        rec.setdefault("action", "dropped")
+    if m.quarantine:
+        log.warning("%s split %s: %d annotation record(s) dropped (see the quarantine report)",
+                    st.uri, split, len(m.quarantine))
+    return m
+
+
+def tokenize_captions(job: JobCfg, manifest: Manifest) -> tuple[torch.Tensor, torch.Tensor]:
+    """Evaluation captions: (texts (N_c, L) int64, caption_video (N_c,) long).
+
+    ``job.data.eval_captions``: 'first' = the first caption of every video, 'all' = every caption.
+    """
+    if job.data.eval_captions == "first":
+        caps, vids = manifest.first_captions()
+    else:
+        caps, vids = manifest.captions, manifest.caption_video
+    return torch.from_numpy(_tokens(job, caps)), torch.tensor(vids, dtype=torch.long)
+
+
+def pick_captions(texts: torch.Tensor, num_texts: torch.Tensor, video_index: torch.Tensor,
+                  epoch: int, seed: int) -> torch.Tensor:
+    """One caption per clip for this epoch: texts (B, K, L) -> (B, L).
+
+    The choice for a clip is ``splitmix64(seed, epoch, video_index) mod num_texts``: deterministic,
+    independent of batch composition and worker, different across epochs.
+    """
+    vi = video_index.detach().cpu().numpy().astype(np.uint64)
+    with np.errstate(over="ignore"):
+        x = vi * np.uint64(0x9E3779B97F4A7C15) + np.uint64((seed * 1_000_003 + epoch) & 0xFFFFFFFFFFFFFFFF)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    k = np.maximum(num_texts.detach().cpu().numpy().astype(np.uint64), np.uint64(1))
+    choice = torch.from_numpy((x % k).astype(np.int64)).to(texts.device)       # (B,)
+    return texts[torch.arange(texts.shape[0], device=texts.device), choice]     # (B, L)
+
+
+def _items(job: JobCfg, manifest: Manifest, *, texts: bool, epoch_seed: int) -> list[dict[str, Any]]:
+    segs = manifest.segments or [None] * manifest.num_videos
+    rows = [{"video_index": np.int64(i), "file": f, "epoch_seed": np.int64(epoch_seed),
+             "seg_start": np.float64(s[0] if s else np.nan), "seg_end": np.float64(s[1] if s else np.nan)}
+            for i, (f, s) in enumerate(zip(manifest.video_files, segs))]
+    if texts:
+        tok = _tokens(job, manifest.captions)                                      # (N_c, L)
+        k_max = max(manifest.max_captions, 1)
+        per = manifest.captions_per_video()
+        for i, row in enumerate(rows):
+            t = np.zeros((k_max, tok.shape[1]), np.int64)                           # (K_max, L)
+            t[:len(per[i])] = tok[per[i]]
+            row["texts"], row["num_texts"] = t, np.int64(len(per[i]))
+    return rows
+
+
+def _decode_kwargs(job: JobCfg, split: str, train: bool) -> dict[str, Any]:
+    size, mean, std = backbone_preprocess(job.model.backbone.name, job.model.backbone.pretrained)
+    return {"videos": storage_for(job, videos_uri(job)), "num_frames": job.data.num_frames, "size": size,
+            "mean": mean, "std": std, "train": train, "seed": job.run.seed, "split": split,
+            "quarantine": storage_for(job, quarantine_uri(job, split))}
+
+
+def _build(job: JobCfg, manifest: Manifest, *, train: bool, epoch_seed: int, decode_batch_size: int) -> Any:
+    import ray.data
+    from ray.data._internal.random_config import RandomSeedConfig
+
+    rows = _items(job, manifest, texts=train, epoch_seed=epoch_seed)
+    # Small blocks (a few rows each) so that a random block order is a good shuffle. No
+    # all-to-all random_shuffle: its tasks starve behind the decode actors on small machines.
+    n_blocks = max(1, min(len(rows), 1024))
+    ds = ray.data.from_items(rows, override_num_blocks=n_blocks)
+    if train:
+        seed = (job.run.seed * 1_000_003 + epoch_seed) % (2 ** 31)
+        ds = ds.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
+    return ds.map_batches(DecodeClips, fn_constructor_kwargs=_decode_kwargs(job, manifest.split, train),
+                          batch_size=decode_batch_size,
+                          compute=ray.data.ActorPoolStrategy(size=job.data.decode_concurrency),
+                          num_cpus=job.data.decode_num_cpus)
+
+
+def train_dataset(job: JobCfg, manifest: Manifest, *, epoch_seed: int = 0, decode_batch_size: int = 8) -> Any:
+    """One row per training video: frames (T,3,S,S) f32, texts (K_max,L) i64, num_texts, video_index."""
+    return _build(job, manifest, train=True, epoch_seed=epoch_seed, decode_batch_size=decode_batch_size)
+
+
+def video_dataset(job: JobCfg, manifest: Manifest, *, decode_batch_size: int = 8) -> Any:
+    """One row per video for evaluation: frames (T,3,S,S) f32 (segment middles), video_index."""
+    return _build(job, manifest, train=False, epoch_seed=0, decode_batch_size=decode_batch_size)
+
+
+# -- quarantine report ----------------------------------------------------------------------------
+
+def read_quarantine(job: JobCfg, *manifests: Manifest) -> list[dict[str, str]]:
+    """Every quarantine record of this run so far (manifests' + decode actors'), de-duplicated."""
+    records: list[dict[str, str]] = []
+    for m in manifests:
+        records += [{"split": m.split, "action": "dropped", **r} for r in m.quarantine]
+    qs = storage_for(job, quarantine_uri(job))
+    for rel in qs.list():
+        if rel.endswith(".jsonl"):
+            records += [json.loads(line) for line in qs.read_text(rel).splitlines() if line.strip()]
+    seen, out = set(), []
+    for r in records:
+        key = (r.get("uri"), r.get("reason"), r.get("split"), r.get("action"))
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out
+
+
+def write_quarantine(job: JobCfg, run_dir_uri: str, *manifests: Manifest) -> int:
+    """Write ``<run_dir_uri>/quarantine.jsonl`` (all records) and return how many there are."""
+    records = read_quarantine(job, *manifests)
+    blob = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
+    storage_for(job, run_dir_uri).write_bytes("quarantine.jsonl", blob)
+    if records:
+        log.warning("%d quarantine record(s) written to %s", len(records), join_uri(run_dir_uri, "quarantine.jsonl"))
+    return len(records)
+
+
+# -- generator --------------------------------------------------------------------------------------
+
+def synth_dataset(job: JobCfg) -> Any:
+    """``tvr data synth``: write the synthetic MSR-VTT-format dataset to ``job.dataset_uri``."""
+    from tvr.data.synthetic import synthesize
+
+    if "://" in job.data.videos or PurePosixPath(job.data.videos).is_absolute():
+        raise ValueError(f"data.videos={job.data.videos!r}: `tvr data synth` writes videos inside data.root; "
+                         "use a relative folder name")
+    st = dataset_storage(job).check(writable=True)
+    return synthesize(st, videos_dir=job.data.videos, **asdict(job.data.synth))
