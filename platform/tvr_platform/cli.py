@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     _quiet_env()
     args = build_parser().parse_args(argv)
+    spec = getattr(args, "spec", None)
+    if spec and "=" in spec and not spec.endswith((".yaml", ".yml")):  # optional spec omitted
+        args.spec, args.overrides = None, [spec, *args.overrides]
     try:
         return args.func(args)
     except ConfigError as err:

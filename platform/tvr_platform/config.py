@@ -70,6 +70,8 @@ class TrainCfg:
     """Ray Train workers (processes); 0 = Ray Train local mode in the driver."""
     use_gpu: bool = False
     """One GPU per worker."""
+    cpus_per_worker: float = 1.0
+    """Logical CPUs each training worker reserves; leave CPUs free for Ray Data's decode actors."""
     strategy: Literal["deepspeed", "ddp"] = "ddp"
     """deepspeed (ZeRO) or plain torch DDP."""
     zero_stage: int = 0

@@ -27,9 +27,10 @@ METRIC_ORDER = [f"{d}_{m}" for d in ("t2v", "v2t") for m in ("R1", "R5", "R10", 
 
 def ensure_synthetic(job: JobCfg) -> None:
     """Generate the synthetic MSR-VTT-format set at ``job.dataset_uri`` unless it is there."""
-    from tvr_platform.data.synth import synthesize_to_storage
+    from tvr_platform.data.pipeline import dataset_storage, synth_dataset
 
-    synthesize_to_storage(job)
+    if not dataset_storage(job).exists("MSRVTT_data.json"):
+        synth_dataset(job)
 
 
 def train(job: JobCfg, *, register: bool | None = None) -> dict[str, Any]:

@@ -32,6 +32,10 @@ def init_ray(job: JobCfg) -> None:
     """Connect to ``cluster.address`` or start a local Ray (no dashboard, quiet workers)."""
     import ray
 
+    from ray.data import DataContext
+
+    # One line per epoch from the trainer is enough; Ray Data's per-operator bars interleave badly.
+    DataContext.get_current().enable_progress_bars = False
     if ray.is_initialized():
         return
     env = {**WORKER_ENV, **job.cluster.env_vars}
@@ -72,6 +76,7 @@ def run_training(job: JobCfg, *, callbacks: list | None = None, tracker: Tracker
     if tracker is None:
         tracker = start_run(job)
         tracker.log_text(job_to_yaml(job), "config/job.yaml")
+    check_cpu_budget(job)
     storage_path, storage_fs = run_storage(job)
     if job.train.num_workers == 0 and storage_fs is None:
         (Path(storage_path) / job.run.name / "local").mkdir(parents=True, exist_ok=True)
@@ -89,7 +94,9 @@ def run_training(job: JobCfg, *, callbacks: list | None = None, tracker: Tracker
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=job.train.num_workers, use_gpu=job.train.use_gpu),
+        scaling_config=ScalingConfig(num_workers=job.train.num_workers, use_gpu=job.train.use_gpu,
+                                     resources_per_worker={"CPU": job.train.cpus_per_worker,
+                                                           **({"GPU": 1} if job.train.use_gpu else {})}),
         torch_config=TorchConfig(backend="nccl" if job.train.use_gpu else "gloo", timeout_s=600),
         datasets={"train": train_dataset(job, train_manifest), "test": video_dataset(job, test_manifest)},
         dataset_config=ray.train.DataConfig(datasets_to_split="all"),
@@ -117,6 +124,19 @@ def run_training(job: JobCfg, *, callbacks: list | None = None, tracker: Tracker
                 weights.write_bytes(src.read_bytes())
     return TrainingResult(metrics=metrics, checkpoint_path=result.checkpoint.path if result.checkpoint else "",
                           weights_path=weights, tracker=tracker)
+
+
+def check_cpu_budget(job: JobCfg) -> None:
+    """Ray Data decodes on CPUs the training workers do not hold: fail early, not by deadlock."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0)
+    train_cpus = max(job.train.num_workers, 1) * job.train.cpus_per_worker
+    if total - train_cpus < min(job.data.decode_num_cpus, 0.5):
+        raise ValueError(
+            f"train.num_workers={job.train.num_workers} x train.cpus_per_worker={job.train.cpus_per_worker} "
+            f"reserve {train_cpus:g} of the cluster's {total:g} CPUs, leaving none for Ray Data decoding; "
+            "lower train.cpus_per_worker (e.g. 0.5) or add CPUs")
 
 
 def resolve_pretrained(job: JobCfg) -> str | None:
