@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tvr.metrics import Ranks, blockwise_ranks, ranks_from_matrix, retrieval_metrics
 from tvr.methods.base import Features
+from tvr.metrics import Ranks, blockwise_ranks, ranks_from_matrix, retrieval_metrics
 
 ModelCall = Callable[..., Any]
 

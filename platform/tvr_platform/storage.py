@@ -3,7 +3,7 @@
     st = open_storage("s3://bucket/datasets/msrvtt", endpoint_url="http://minio:9000")
     st.check()                                   # missing bucket / bad credentials -> StorageError now
     st.write_bytes("a/b.json", b"{}"); st.read_bytes("a/b.json"); st.list("a/")
-    fs, path = st.pyarrow_filesystem(), st.arrow_path("videos")   # for Ray Data / pyarrow
+    fs, root = st.pyarrow_filesystem()           # for Ray Data / Ray Train / pyarrow; st.arrow_path("videos")
 
 Paths given to the methods are relative to the storage root (``'/'``-separated). Credentials come
 only from the standard AWS chain (env, shared config/credentials files, instance/pod roles) and
@@ -200,8 +200,13 @@ class Storage:
                 "s3", endpoint_url=self.endpoint_url, region_name=self._resolved_region(), config=cfg)
         return self._client
 
-    def pyarrow_filesystem(self) -> Any:
-        """A ``pyarrow.fs`` filesystem for this storage (S3 with the endpoint override, or local)."""
+    def pyarrow_filesystem(self) -> tuple[Any, str]:
+        """(``pyarrow.fs`` filesystem, path of the root on it): S3 with the endpoint override
+        ('bucket/prefix'), or the local filesystem (absolute path). Paths below the root:
+        :meth:`arrow_path`."""
+        return self._arrow_fs(), self.arrow_path()
+
+    def _arrow_fs(self) -> Any:
         import pyarrow.fs as pafs
 
         if not self.is_s3:

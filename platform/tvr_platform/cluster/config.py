@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+
+# Environment variable names that carry credentials. They never go into a job spec: on a cluster
+# they come from IAM roles (IRSA) or Kubernetes Secrets mounted into the pods (infra/).
+SECRET_NAME = re.compile(r"SECRET|PASSWORD|PASSWD|TOKEN|CREDENTIAL|PRIVATE_KEY|ACCESS_KEY|API_KEY|SESSION_KEY",
+                         re.IGNORECASE)
+# scheme://user:password@host -- a password inside a URI.
+URI_PASSWORD = re.compile(r"[a-z][a-z0-9+.-]*://[^/@\s:]*:[^/@\s]+@", re.IGNORECASE)
 
 
 @dataclass(kw_only=True)
@@ -17,3 +25,16 @@ class ClusterCfg:
     """CPUs reserved for the job's driver process on submission."""
     env_vars: dict[str, str] = field(default_factory=dict)
     """Extra environment variables for the job's processes (never secrets: use IAM / k8s secrets)."""
+    ship_code: bool = True
+    """``tvr submit`` uploads this checkout (runtime_env working_dir + py_modules); False = the cluster image has tvr installed."""
+    excludes: list[str] = field(default_factory=list)
+    """Extra .gitignore-style patterns left out of the uploaded code (on top of the built-in ones)."""
+
+    def __post_init__(self) -> None:
+        if self.entrypoint_num_gpus < 0 or self.entrypoint_num_cpus < 0:
+            raise ValueError("cluster.entrypoint_num_gpus and cluster.entrypoint_num_cpus must be >= 0")
+        for key, value in self.env_vars.items():
+            if SECRET_NAME.search(key) or URI_PASSWORD.search(str(value)):
+                raise ValueError(
+                    f"cluster.env_vars.{key} looks like a credential; job specs are shipped in clear text. "
+                    "Give the pods an IAM role (IRSA) or mount a Kubernetes Secret instead (docs/laptop-to-cluster.md)")

@@ -21,7 +21,7 @@ class DecodeClips:
 
     def __init__(self, *, videos: Storage, num_frames: int, size: int, mean: tuple[float, ...],
                  std: tuple[float, ...], train: bool, seed: int, split: str, quarantine: Storage | None):
-        self.videos, self.fs = videos, videos.pyarrow_filesystem()
+        self.videos, (self.fs, _) = videos, videos.pyarrow_filesystem()
         self.num_frames, self.size, self.mean, self.std = num_frames, size, mean, std
         self.train, self.seed, self.split = train, seed, split
         self.quarantine = quarantine

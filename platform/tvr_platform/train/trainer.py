@@ -31,7 +31,6 @@ class TrainingResult:
 def init_ray(job: JobCfg) -> None:
     """Connect to ``cluster.address`` or start a local Ray (no dashboard, quiet workers)."""
     import ray
-
     from ray.data import DataContext
 
     # One line per epoch from the trainer is enough; Ray Data's per-operator bars interleave badly.

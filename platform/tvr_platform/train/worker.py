@@ -106,6 +106,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 torch.set_rng_state(torch.load(rng_file, weights_only=False)["torch"])
         start_epoch, global_step = client_state["epoch"] + 1, client_state["global_step"]
 
+    probe = config.get("probe")  # test hook: the exact next step after a checkpoint, see probe_step
+    if probe is not None and checkpoint is not None:
+        ray.train.report({"probe_next_loss": probe_step(strategy, module, device, job), "epoch": start_epoch - 1})
+        return
+
     eval_texts = caption_video = None
     if rank == 0:
         eval_texts, caption_video = tokenize_captions(job, load_manifest(job, job.data.test_split))
@@ -185,3 +190,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                          checkpoint_dir_name=f"epoch={epoch:04d}")
         if not config.get("local_checkpoint_root"):
             shutil.rmtree(tmp, ignore_errors=True)
+        if probe is not None and epoch == probe:
+            ray.train.report({"probe_next_loss": probe_step(strategy, module, device, job), "epoch": epoch})
+            return
+
+
+def probe_step(strategy, module: torch.nn.Module, device: torch.device, job: JobCfg) -> float:
+    """One optimiser step on a fixed seeded batch, then its loss: equal after a resume only if
+    weights, optimiser, scheduler and accumulation state were all restored exactly."""
+    g = torch.Generator().manual_seed(1234)
+    bb = module.method.backbone
+    size, n = bb.image_size, job.data.batch_size
+    frames = torch.randn(n, job.data.num_frames, 3, size, size, generator=g)
+    text = bb.tokenize([f"probe caption {i}" for i in range(n)])
+    for _ in range(job.train.grad_accum):
+        strategy.backward_step(strategy(mode="loss", frames=frames.to(device), text=text.to(device))["loss"])
+    with torch.no_grad():
+        return float(strategy(mode="loss", frames=frames.to(device), text=text.to(device))["loss"])
