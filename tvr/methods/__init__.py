@@ -8,14 +8,16 @@ from __future__ import annotations
 from torch import nn
 
 from tvr.backbone import BackboneCfg, ClipBackbone
-from tvr.methods import meanp, tmass, vop, xpool
+from tvr.methods import excae, meanp, tmass, ucofia, vop, xpool
 from tvr.methods.base import Features, MethodSpec, RetrievalMethod
 
 METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     meanp.SPEC,
     xpool.SPEC,
     tmass.SPEC,
+    ucofia.SPEC,
     vop.SPEC,
+    excae.SPEC,
 )}
 
 

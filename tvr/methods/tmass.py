@@ -98,8 +98,8 @@ class TMassCfg(XPoolCfg):
 
     radius: str = "linear"
     """Radius R from the frame-text cosines S: "mean" exp(mean S), "scaled_mean" exp(θ mean S), "linear" exp(S W)."""
-    num_frames: int = 12
-    """Frames T' per video; the "linear" radius maps T' cosines to D dimensions, so it must match the data."""
+    num_frames: int = 8
+    """Frames T' per video (the platform checks it equals data.num_frames); the "linear" radius maps T' cosines to D dims."""
     prior: str = "uniform01"
     """Noise prior for ε: "uniform01" U[0,1) (official default) or "normal" N(0, prior_std²)."""
     prior_std: float = 1.0

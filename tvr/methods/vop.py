@@ -84,7 +84,7 @@ class VoPCfg:
     prompt_depth: int | None = None
     """Layers (from the input) that get fresh prompts in each tower; None = every layer
     (official). 0 = no prompts at all."""
-    num_frames: int = 12
+    num_frames: int = 8
     """Frames per clip F: number of position-specific prompt sets (P) and the temporal
     positions of the context generator (C). Clips with T != F frames map frame f to set ⌊f·F/T⌋."""
     intra_layers: int | None = None
