@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -16,6 +17,12 @@ from pathlib import Path
 from tvr_platform.config import ConfigError, load_job
 
 REPO_JOBS = Path(__file__).resolve().parents[2] / "jobs"
+
+# Command groups that live with their subsystem; each module exposes add_subcommands(subparsers).
+COMMAND_GROUPS = (
+    "tvr_platform.cluster.cli",    # tvr submit, tvr jobs status|logs|stop|list
+    "tvr_platform.captions.cli",   # tvr captions improve|generate (ExCae CSI)
+)
 
 
 def _quiet_env() -> None:
@@ -93,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
     _spec_command(data, "synth", cmd_synth, "write the synthetic clip set", spec_optional=True)
+    for module in COMMAND_GROUPS:
+        importlib.import_module(module).add_subcommands(sub)
     return parser
 
 
