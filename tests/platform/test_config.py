@@ -7,7 +7,15 @@ from pathlib import Path
 import pytest
 
 from tvr.methods import METHODS
-from tvr_platform.config import ConfigError, JobCfg, flatten, job_from_dict, job_to_dict, job_to_yaml, load_job
+from tvr_platform.config import (
+    ConfigError,
+    JobCfg,
+    flatten,
+    job_from_dict,
+    job_to_dict,
+    job_to_yaml,
+    load_job,
+)
 
 JOBS = Path(__file__).resolve().parents[2] / "jobs"
 

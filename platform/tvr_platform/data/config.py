@@ -66,5 +66,5 @@ class DataCfg:
             raise ValueError("data.num_frames must be >= 1")
         if self.batch_size < 1 or self.eval_batch_size < 1:
             raise ValueError("data.batch_size and data.eval_batch_size must be >= 1")
-        if self.decode_concurrency < 1 or not self.decode_num_cpus > 0:
-            raise ValueError("data.decode_concurrency must be >= 1 and data.decode_num_cpus > 0")
+        if self.decode_concurrency < 1 or self.decode_num_cpus < 0:
+            raise ValueError("data.decode_concurrency must be >= 1 and data.decode_num_cpus >= 0")

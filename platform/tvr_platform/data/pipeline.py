@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import asdict
 from pathlib import PurePosixPath
 from typing import Any
@@ -187,6 +188,30 @@ def _decode_kwargs(job: JobCfg, split: str, train: bool) -> dict[str, Any]:
             "quarantine": storage_for(job, quarantine_uri(job, split))}
 
 
+def decode_num_cpus(job: JobCfg) -> float:
+    """CPUs per decode actor: ``data.decode_num_cpus``, lowered so that the decode actors and the
+    training workers (1 CPU each, Ray Train's default) fit the Ray cluster together.
+
+    Otherwise a small machine deadlocks: the training workers hold every CPU and the decode actors
+    wait for one forever. When nothing is left the actors get 0 CPUs (they then share the cores
+    with the training workers) and a warning says so.
+    """
+    import ray
+
+    want = job.data.decode_num_cpus
+    if not ray.is_initialized() or want == 0:
+        return want
+    total = float(ray.cluster_resources().get("CPU", 0.0))
+    free = total - job.train.num_workers
+    per = min(want, max(0.0, free) / job.data.decode_concurrency)
+    per = math.floor(per * 100) / 100
+    if per < want:
+        log.warning("data.decode_num_cpus=%s lowered to %s per decode actor: %s CPU(s) in the cluster, "
+                    "%d held by training workers, %d decode actors", want, per, total,
+                    job.train.num_workers, job.data.decode_concurrency)
+    return per
+
+
 def _build(job: JobCfg, manifest: Manifest, *, train: bool, epoch_seed: int, decode_batch_size: int) -> Any:
     import ray.data
     from ray.data._internal.random_config import RandomSeedConfig
@@ -202,7 +227,7 @@ def _build(job: JobCfg, manifest: Manifest, *, train: bool, epoch_seed: int, dec
     return ds.map_batches(DecodeClips, fn_constructor_kwargs=_decode_kwargs(job, manifest.split, train),
                           batch_size=decode_batch_size,
                           compute=ray.data.ActorPoolStrategy(size=job.data.decode_concurrency),
-                          num_cpus=job.data.decode_num_cpus)
+                          num_cpus=decode_num_cpus(job))
 
 
 def train_dataset(job: JobCfg, manifest: Manifest, *, epoch_seed: int = 0, decode_batch_size: int = 8) -> Any:
