@@ -228,6 +228,36 @@ def load_job(spec: str | os.PathLike | None = None, overrides: list[str] | tuple
         where = " + ".join(w for w, _ in layers) or "defaults"
         raise _fail(where, err.__cause__ if isinstance(err.__cause__, ValueError) else err) from None
     assert isinstance(job, JobCfg)
+    return anchor_local_paths(job)
+
+
+def _is_local(uri: str) -> bool:
+    return bool(uri) and "://" not in uri
+
+
+def anchor_local_paths(job: JobCfg, base: str | os.PathLike | None = None) -> JobCfg:
+    """Make the spec's relative local paths absolute against ``base`` (default: the cwd), in place.
+
+    Ray workers run in Ray's session directory, not in the directory the user typed the command in:
+    a relative ``run.work_dir``, ``storage.uri``, ``data.root``, ``tracking.uri`` (sqlite:///rel) or
+    ``model.backbone.pretrained`` file must be resolved on the driver before the job is shipped."""
+    root = Path(base or Path.cwd()).expanduser().resolve()
+
+    def anchor(path: str) -> str:
+        p = Path(path).expanduser()
+        return str(p if p.is_absolute() else (root / p).resolve())
+
+    job.run.work_dir = anchor(job.run.work_dir)
+    if _is_local(job.storage.uri):
+        job.storage.uri = anchor(job.storage.uri)
+    if _is_local(job.data.root):
+        job.data.root = anchor(job.data.root)
+    sqlite = "sqlite:///"
+    if job.tracking.uri.startswith(sqlite) and not job.tracking.uri.startswith(sqlite + "/"):
+        job.tracking.uri = sqlite + anchor(job.tracking.uri[len(sqlite):])
+    pretrained = job.model.backbone.pretrained
+    if pretrained and _is_local(pretrained) and (root / pretrained).is_file():
+        job.model.backbone.pretrained = anchor(pretrained)
     return job
 
 

@@ -74,3 +74,19 @@ def test_every_method_has_a_typed_section_and_only_the_active_one_is_flattened()
 @pytest.mark.parametrize("spec", sorted(JOBS.rglob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_job_spec_loads(spec):
     assert isinstance(load_job(spec), JobCfg)
+
+
+def test_relative_local_paths_are_anchored_on_the_driver(tmp_path, monkeypatch):
+    """Ray workers run in Ray's session dir: relative paths must be absolute before the job ships."""
+    (tmp_path / "ckpt.pt").write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)
+    job = load_job(None, ["run.work_dir=w", "storage.uri=./st", "data.root=d/msrvtt",
+                          "tracking.uri=sqlite:///m.db", "model.backbone.pretrained=ckpt.pt"])
+    assert job.run.work_dir == str(tmp_path / "w") and job.storage.uri == str(tmp_path / "st")
+    assert job.data.root == str(tmp_path / "d" / "msrvtt")
+    assert job.tracking.uri == f"sqlite:///{tmp_path / 'm.db'}"
+    assert job.model.backbone.pretrained == str(tmp_path / "ckpt.pt")
+    remote = load_job(None, ["storage.uri=s3://b/p", "data.root=s3://b/v", "model.backbone.pretrained=openai"])
+    assert (remote.storage.uri, remote.data.root, remote.model.backbone.pretrained) == ("s3://b/p", "s3://b/v",
+                                                                                       "openai")
+    assert job_from_dict(job_to_dict(job)).dataset_uri == job.dataset_uri      # survives the Ray boundary
