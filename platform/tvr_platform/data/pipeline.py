@@ -190,7 +190,7 @@ def _decode_kwargs(job: JobCfg, split: str, train: bool) -> dict[str, Any]:
 
 def decode_num_cpus(job: JobCfg) -> float:
     """CPUs per decode actor: ``data.decode_num_cpus``, lowered so that the decode actors and the
-    training workers (1 CPU each, Ray Train's default) fit the Ray cluster together.
+    training workers (``train.cpus_per_worker`` each) fit the Ray cluster together.
 
     Otherwise a small machine deadlocks: the training workers hold every CPU and the decode actors
     wait for one forever. When nothing is left the actors get 0 CPUs (they then share the cores
@@ -202,13 +202,14 @@ def decode_num_cpus(job: JobCfg) -> float:
     if not ray.is_initialized() or want == 0:
         return want
     total = float(ray.cluster_resources().get("CPU", 0.0))
-    free = total - job.train.num_workers
+    held = max(job.train.num_workers, 1) * job.train.cpus_per_worker
+    free = total - held
     per = min(want, max(0.0, free) / job.data.decode_concurrency)
     per = math.floor(per * 100) / 100
     if per < want:
         log.warning("data.decode_num_cpus=%s lowered to %s per decode actor: %s CPU(s) in the cluster, "
-                    "%d held by training workers, %d decode actors", want, per, total,
-                    job.train.num_workers, job.data.decode_concurrency)
+                    "%s held by training workers, %d decode actors", want, per, total,
+                    held, job.data.decode_concurrency)
     return per
 
 

@@ -50,15 +50,29 @@ def deepspeed_config(train: TrainCfg, micro_batch: int, bf16: bool) -> dict[str,
     }
 
 
+def hold_scalars_as_vectors(module: nn.Module) -> set[str]:
+    """Reshape every 0-dim parameter of ``module`` to shape [1] in place; returns their names."""
+    names = set()
+    for name, p in module.named_parameters():
+        if p.dim() == 0:
+            p.data = p.data.reshape(1)
+            names.add(name)
+    return names
+
+
 class DeepSpeedStrategy:
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler, ds_config: dict):
         import deepspeed
 
         self.ds_config = ds_config
+        self.stage = ds_config["zero_optimization"]["stage"]
+        # DeepSpeed 0.19 broadcasts every replicated parameter as p.data.view(torch.uint8), which a
+        # 0-dim tensor (CLIP's logit_scale) cannot do. Hold such parameters as shape [1] inside the
+        # engine (broadcasting keeps the maths identical) and give them back their shape on export.
+        self.scalars = set() if self.stage == 3 else hold_scalars_as_vectors(module)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
             dist_init_required=False)
-        self.stage = ds_config["zero_optimization"]["stage"]
 
     def __call__(self, *args, **kwargs):
         return self.engine(*args, **kwargs)
@@ -89,7 +103,10 @@ class DeepSpeedStrategy:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
             return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag="ds") if rank == 0 else None
-        return {k: v.detach().cpu() for k, v in self.engine.module.state_dict().items()} if rank == 0 else None
+        if rank != 0:
+            return None
+        return {k: v.detach().cpu().reshape(()) if k in self.scalars else v.detach().cpu()
+                for k, v in self.engine.module.state_dict().items()}
 
     @contextlib.contextmanager
     def eval_module(self) -> Iterator[nn.Module]:
