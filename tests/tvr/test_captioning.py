@@ -266,6 +266,7 @@ def test_parse_caption_list_accepts_json_fences_objects_and_lines():
     assert parse_caption_list('{"captions": ["x y", "z w"]}', 1) == ["x y"]
     assert parse_caption_list("Here are the captions:\n1. A man talks.\n2) \"A woman sings\"\n- Caption 3: kids "
                               "play", 5) == ["A man talks.", "A woman sings", "kids play"]
+    assert parse_caption_list("I'm sorry, I cannot describe this video.", 5) == []     # prose is malformed
     assert parse_caption_list("", 3) == [] and parse_caption_list(None, 3) == []
     assert parse_caption_list("[]", 3) == [] and parse_caption_list("...\n!!!", 3) == []
     long = " ".join(["extraordinarily"] * 200)

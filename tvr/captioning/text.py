@@ -109,7 +109,8 @@ def parse_caption_list(raw: object, k: int, max_tokens: int = MAX_CAPTION_TOKENS
     """An untrusted reply -> at most ``k`` clean, distinct captions ([] when nothing usable).
 
     Accepted shapes: a JSON array of strings, a JSON object with a ``captions`` array (either may be
-    inside a ``` fence or surrounded by prose), or one caption per line (numbered / bulleted)."""
+    inside a ``` fence or surrounded by prose), or a numbered / bulleted list of at least two lines
+    (other lines ignored). Anything else (prose, a refusal) gives []."""
     if not isinstance(raw, str) or not raw.strip():
         return []
     raw = raw[:100_000]
@@ -120,12 +121,11 @@ def parse_caption_list(raw: object, k: int, max_tokens: int = MAX_CAPTION_TOKENS
         if isinstance(obj, list) and any(isinstance(x, str) for x in obj):
             items = [x for x in obj if isinstance(x, str)]          # non-strings are dropped
             break
-    if items is None:
+    if items is None:                                      # a numbered / bulleted list, >= 2 items
         body = _FENCE.sub(lambda m: m.group(1), raw)
-        lines = [ln for ln in body.splitlines() if ln.strip()]
-        if len(lines) > 1 and lines[0].rstrip().endswith(":") and not _LIST_MARKER.match(lines[0]):
-            lines = lines[1:]                              # "Here are 10 captions:" preamble
-        items = [ln for ln in lines if ln.strip() not in ("[", "]", "{", "}")]
+        items = [ln for ln in body.splitlines() if _LIST_MARKER.match(ln)]
+        if len(items) < 2:
+            return []                                      # prose (a refusal, a remark): malformed
     caps = dedupe(clean_caption(x, max_tokens) for x in items)
     return caps[:k]
 
