@@ -3,7 +3,7 @@
     tvr quickstart [overrides]            synthetic data -> train -> eval -> register, locally
     tvr data synth <spec> [overrides]     write the synthetic MSR-VTT-format clip set
     tvr train <spec> [overrides]          train with Ray Train (+ DeepSpeed), log to MLflow
-    tvr eval <spec | models:/name@alias> [overrides]
+    tvr eval <spec | models:/name@alias> [--dsl] [--sinkhorn N] [--split S] [overrides]
 """
 
 from __future__ import annotations
@@ -73,10 +73,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from tvr_platform.recipes import METRIC_ORDER, evaluate_model, print_table
 
-    report = evaluate_model(args.target, args.overrides)
+    flags = [f"eval.dsl={str(args.dsl).lower()}"] if args.dsl else []
+    flags += [f"eval.sinkhorn_iters={args.sinkhorn}"] if args.sinkhorn is not None else []
+    flags += [f"data.test_split={args.split}"] if args.split else []
+    report = evaluate_model(args.target, [*args.overrides, *flags])
     print_table(f"{args.target}: {report['split']} ({report['num_texts']} texts, {report['num_videos']} videos)",
                 {k: report["metrics"][k] for k in METRIC_ORDER})
-    print(f"[tvr] report: {report['report_file']}")
+    print(f"[tvr] report: {report['report_file']} (+ {len(report['plots'])} plots, logged to MLflow)")
     return 0
 
 
@@ -97,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a job spec's model or a registered model")
     p.add_argument("target", help="job spec path or models:/name@alias")
     p.add_argument("overrides", nargs="*")
+    p.add_argument("--dsl", action="store_true", help="dual-softmax re-normalisation (= eval.dsl=true)")
+    p.add_argument("--sinkhorn", type=int, metavar="N", help="Sinkhorn-Knopp iterations (= eval.sinkhorn_iters=N)")
+    p.add_argument("--split", metavar="S", help="dataset split to evaluate (= data.test_split=S)")
     p.set_defaults(func=cmd_eval)
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
     _spec_command(data, "synth", cmd_synth, "write the synthetic clip set", spec_optional=True)

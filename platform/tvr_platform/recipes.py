@@ -61,14 +61,10 @@ def train(job: JobCfg, *, register: bool | None = None) -> dict[str, Any]:
     return report
 
 
-def evaluate_model(target: str, overrides: list[str], tracking_uri: str | None = None) -> dict[str, Any]:
-    """Evaluate a registered model (models:/name@alias) or a job spec's exported weights."""
-    from tvr_platform.data.pipeline import load_manifest, tokenize_captions, video_dataset
-    from tvr_platform.evaluation import embed_texts, embed_videos, evaluate, order_by_index
+def load_eval_target(target: str, overrides: list[str], tracking_uri: str | None = None
+                     ) -> tuple[JobCfg, torch.nn.Module]:
+    """A registered model (models:/name@alias) or a job spec's exported weights -> (job, method)."""
     from tvr_platform.registry import build_from_artifacts, download_model
-    from tvr_platform.tracking import start_run
-    from tvr_platform.train.step import RetrievalStep
-    from tvr_platform.train.trainer import init_ray
 
     if target.startswith("models:/"):
         base = load_job(None, overrides)
@@ -76,36 +72,84 @@ def evaluate_model(target: str, overrides: list[str], tracking_uri: str | None =
         job, method = build_from_artifacts(job_file, weights)
         if overrides:  # e.g. a different split, eval flags or data root for the same model
             job = load_job(job_file, overrides)
-    else:
-        job = load_job(target, overrides)
-        weights = Path(job.work_dir) / "exports" / job.run.name / "model.pt"
-        if not weights.exists():
-            raise FileNotFoundError(f"{weights}: no exported weights for run {job.run.name!r}; train it first")
-        from tvr.backbone import ClipBackbone
-        from tvr.methods import build_method
+        return job, method.eval()
+    job = load_job(target, overrides)
+    weights = Path(job.work_dir) / "exports" / job.run.name / "model.pt"
+    if not weights.exists():
+        raise FileNotFoundError(f"{weights}: no exported weights for run {job.run.name!r}; train it first")
+    from tvr.backbone import ClipBackbone
+    from tvr.methods import build_method
 
-        method = build_method(job.model.method, job.method_cfg, ClipBackbone(job.model.backbone))
-        method.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    method.eval()
+    method = build_method(job.model.method, job.method_cfg, ClipBackbone(job.model.backbone))
+    method.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return job, method.eval()
+
+
+def embed_split(job: JobCfg, method: torch.nn.Module, split: str):
+    """Embed every video (Ray Data decoding) and caption of ``split`` -> (text, video, caption_video)."""
+    from tvr_platform.data.pipeline import load_manifest, tokenize_captions, video_dataset
+    from tvr_platform.evaluation import embed_texts, embed_videos, order_by_index
+    from tvr_platform.train.step import RetrievalStep
+    from tvr_platform.train.trainer import init_ray
+
     model = RetrievalStep(method, gather=lambda x: x)
-    manifest = load_manifest(job, job.data.test_split)
+    manifest = load_manifest(job, split)
     init_ray(job)
     video, index = embed_videos(model, video_dataset(job, manifest).iter_torch_batches(
         batch_size=job.data.eval_batch_size), "cpu")
     video = order_by_index(video, index, len(manifest.video_ids))
     texts, caption_video = tokenize_captions(job, manifest)
     text = embed_texts(model, texts, job.data.eval_batch_size, "cpu")
-    metrics, ranks = evaluate(model, text, video, caption_video, block=job.eval.block_size,
-                              dsl=job.eval.dsl, sinkhorn_iters=job.eval.sinkhorn_iters)
-    report = {"target": target, "method": job.model.method, "split": job.data.test_split,
-              "num_videos": len(manifest.video_ids), "num_texts": int(texts.shape[0]),
-              "dsl": job.eval.dsl, "sinkhorn_iters": job.eval.sinkhorn_iters, "metrics": metrics}
+    return text, video, caption_video
+
+
+def eval_report(job: JobCfg, method: torch.nn.Module, text, video, caption_video, meta: dict[str, Any],
+                *, sample: int = 24) -> dict[str, Any]:
+    """Metrics (with the job's DSL / Sinkhorn-Knopp settings) + curves, similarity sample, gap."""
+    from tvr_platform.report import build_report, global_embeddings, modality_gap, sample_similarity
+    from tvr_platform.report.scoring import evaluate_method, pair_scorer
+
+    _, ranks = evaluate_method(method, text, video, caption_video, block=job.eval.block_size,
+                               dsl=job.eval.dsl, sinkhorn_iters=job.eval.sinkhorn_iters)
+    sim = sample_similarity(pair_scorer(method, text, video), caption_video, sample)
+    try:
+        gap = modality_gap(*global_embeddings(text, video), seed=job.run.seed)
+    except (KeyError, ValueError) as err:  # a method without one global embedding per side
+        gap = {"error": str(err)}
+    report = build_report(ranks, meta, similarity=sim, gap=gap)
+    if "error" in gap:
+        report.pop("modality_gap")
+        report["meta"]["modality_gap_skipped"] = gap["error"]
+    return report
+
+
+def evaluate_model(target: str, overrides: list[str], tracking_uri: str | None = None) -> dict[str, Any]:
+    """Evaluate a registered model (models:/name@alias) or a job spec's exported weights: JSON report
+    + PNG plots under ``<work_dir>/reports/eval-<run>/``, logged to a new MLflow run."""
+    from tvr_platform.report import write_plots
+    from tvr_platform.tracking import start_run
+
+    job, method = load_eval_target(target, overrides, tracking_uri)
+    split = job.data.test_split
+    text, video, caption_video = embed_split(job, method, split)
+    meta = {"target": target, "method": job.model.method, "backbone": job.model.backbone.name,
+            "split": split, "dataset": job.dataset_uri, "num_videos": int(caption_video.max()) + 1,
+            "num_texts": int(caption_video.numel()), "dsl": job.eval.dsl,
+            "sinkhorn_iters": job.eval.sinkhorn_iters}
+    full = eval_report(job, method, text, video, caption_video, meta)
+    out_dir = Path(job.work_dir) / "reports" / f"eval-{job.run.name}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / "eval.json"
+    out.write_text(json.dumps(full, indent=1))
+    plots = write_plots(full, out_dir)
     tracker = start_run(job, run_name=f"eval-{job.run.name}-{int(time.time())}")
-    tracker.log_metrics(metrics)
-    tracker.log_dict(report, "report/eval.json")
+    tracker.log_metrics(full["metrics"])
+    tracker.log_artifact(out, "report")
+    for p in plots:
+        tracker.log_artifact(p, "report/plots")
     tracker.terminate()
-    out = Path(job.work_dir) / "reports" / f"eval-{job.run.name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    report["report_file"] = str(out)
+    report = {**meta, "metrics": full["metrics"], "report_file": str(out),
+              "plots": [str(p) for p in plots], "mlflow": tracker.url()}
+    if "modality_gap" in full:
+        report["modality_gap"] = full["modality_gap"]["gap"]
     return report
