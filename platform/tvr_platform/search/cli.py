@@ -1,0 +1,88 @@
+"""``tvr index build`` and ``tvr search``.
+
+    tvr index build models:/name@alias --videos <storage uri> [--index URI] [overrides]
+    tvr search "a red circle moves left" --top-k 10 [--index URI] [--candidates N] [overrides]
+
+``tvr index build`` records the index it wrote in ``<run.work_dir>/index/latest.json``, so a
+following ``tvr search`` needs no ``--index``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+
+def _latest_file(overrides: list[str]) -> Path:
+    from tvr_platform.config import load_job
+
+    return load_job(None, overrides).work_dir / "index" / "latest.json"
+
+
+def cmd_index_build(args: argparse.Namespace) -> int:
+    from tvr_platform.search.index import build_index
+
+    t0 = time.time()
+    summary = build_index(args.model, args.videos, overrides=args.overrides, index_uri=args.index,
+                          batch_size=args.batch_size, concurrency=args.concurrency)
+    latest = _latest_file(args.overrides)
+    latest.parent.mkdir(parents=True, exist_ok=True)
+    latest.write_text(json.dumps({"index": summary["index"], "model": args.model}))
+    print(f"[tvr] index {summary['index']}: {summary['videos']} clips, {summary['already_indexed']} already "
+          f"indexed, {summary['embedded']} embedded now ({time.time() - t0:.1f}s)")
+    return 0
+
+
+def open_searcher(index_uri: str | None, overrides: list[str]):
+    """The Searcher for ``index_uri`` (default: the last index built from this work dir)."""
+    from tvr_platform.config import load_job
+    from tvr_platform.registry import build_from_artifacts, download_model
+    from tvr_platform.search import Searcher, load_index
+
+    job = load_job(None, overrides)
+    if index_uri is None:
+        latest = _latest_file(overrides)
+        if not latest.exists():
+            raise FileNotFoundError(f"{latest}: no index built from this work dir; run `tvr index build` "
+                                    "first or pass --index URI")
+        index_uri = json.loads(latest.read_text())["index"]
+    index = load_index(index_uri, endpoint_url=job.storage.endpoint_url, region=job.storage.region)
+    tracking = index.meta.get("tracking_uri") or job.tracking_uri
+    _, method = build_from_artifacts(*download_model(index.meta["model_version"], tracking))
+    return Searcher(method, index)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    searcher = open_searcher(args.index, args.overrides)
+    t0 = time.perf_counter()
+    hits = searcher.search(args.query, args.top_k, args.candidates)
+    ms = 1000 * (time.perf_counter() - t0)
+    mode = "exhaustive" if args.candidates is None else f"two-stage, {args.candidates} candidates"
+    print(f"[tvr] {len(searcher.index)} clips, {searcher.index.meta['method']} ({mode}), {ms:.1f} ms")
+    for h in hits:
+        print(f"{h.rank:>3}  {h.score:8.4f}  {h.video_id}")
+    return 0
+
+
+def add_subcommands(sub) -> None:
+    index = sub.add_parser("index", help="video feature indexes for search").add_subparsers(
+        dest="index_command", required=True)
+    p = index.add_parser("build", help="embed a video folder with a registered model (Ray Data, resumable)")
+    p.add_argument("model", help="models:/name@alias or models:/name/version")
+    p.add_argument("--videos", required=True, help="storage URI of the video folder (local dir or s3://)")
+    p.add_argument("--index", help="index URI (default: <videos>/../tvr-index/<model>)")
+    p.add_argument("--batch-size", type=int, default=32, help="clips per inference batch and shard")
+    p.add_argument("--concurrency", type=int, default=1, help="embedding actors")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides (run.work_dir, storage.*)")
+    p.set_defaults(func=cmd_index_build)
+
+    p = sub.add_parser("search", help="text -> video search over an index")
+    p.add_argument("query", help="the text query")
+    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--index", help="index URI (default: the last one `tvr index build` wrote)")
+    p.add_argument("--candidates", type=int, help="two-stage: rerank this many coarse candidates "
+                   "(default: exhaustive)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides (run.work_dir, storage.*)")
+    p.set_defaults(func=cmd_search)

@@ -1,0 +1,117 @@
+"""Answering a text query from a :class:`~tvr_platform.search.index.VideoIndex`.
+
+- Exhaustive: the method's own ``similarity(text, video)`` against every indexed clip, in chunks of
+  ``chunk`` clips. Text-conditioned methods (X-Pool, T-MASS) pool their stored per-frame features
+  for this query inside ``similarity``; nothing about the method is re-implemented here.
+- Two-stage: a cheap coarse stage scores every clip by the cosine of global embeddings (the text
+  embedding vs the clip's video embedding, per-frame features mean-pooled: a CLIP dual-encoder
+  pass, one matrix product), keeps the ``candidates`` best, and the method's full similarity
+  reranks only those. For UCoFIA (patch-word alignment, ISA) this is what makes a large index
+  searchable; with ``candidates >= len(index)`` it returns exactly the exhaustive ranking.
+
+Ties are broken by index order (``torch.sort(stable=True)`` on the negated scores), in both
+stages, so exhaustive and two-stage agree whenever the first stage keeps every clip.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from tvr.methods.base import Features
+from tvr_platform.report.core import global_text_embedding, global_video_embedding
+from tvr_platform.search.index import VideoIndex
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    rank: int
+    video_id: str
+    score: float
+
+
+def _top(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top k by score, ties -> lower index first. scores (N,) -> (values (k,), indices (k,))."""
+    order = torch.sort(-scores, stable=True).indices[:k]
+    return scores[order], order
+
+
+class Searcher:
+    """Search one index with the model that built it."""
+
+    def __init__(self, method: torch.nn.Module, index: VideoIndex, *, chunk: int = 4096):
+        self.method = method.eval()
+        self.index = index
+        self.chunk = chunk
+        self._coarse_video: Tensor | None = None
+
+    # -- features ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_queries(self, queries: list[str]) -> Features:
+        if not queries or any(not q.strip() for q in queries):
+            raise ValueError("search: every query must be a non-empty string")
+        return self.method.encode_text(self.method.backbone.tokenize(queries))
+
+    def _video_rows(self, rows: Tensor | slice) -> Features:
+        return {k: v[rows] for k, v in self.index.features.items()}
+
+    def coarse_video(self) -> Tensor:
+        """(N, D) L2-normalised global clip embeddings, computed once per index."""
+        if self._coarse_video is None:
+            self._coarse_video = global_video_embedding(self.index.features)
+        return self._coarse_video
+
+    # -- scoring ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def full_scores(self, text: Features, rows: Tensor | None = None) -> Tensor:
+        """Method similarity of the queries (Q) vs the clips ``rows`` (default all) -> (Q, n)."""
+        n = len(self.index) if rows is None else rows.numel()
+        out = []
+        for s in range(0, n, self.chunk):
+            sel = slice(s, s + self.chunk) if rows is None else rows[s:s + self.chunk]
+            out.append(self.method.similarity(text, self._video_rows(sel)).float())
+        return torch.cat(out, dim=1)
+
+    @torch.no_grad()
+    def coarse_scores(self, text: Features) -> Tensor:
+        """Cosine of global embeddings, queries (Q) vs every clip -> (Q, N)."""
+        return global_text_embedding(text) @ self.coarse_video().t()
+
+    # -- search -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def search_features(self, text: Features, top_k: int, candidates: int | None = None
+                        ) -> tuple[Tensor, Tensor]:
+        """(scores (Q, k), clip rows (Q, k)). ``candidates`` None = exhaustive; else two-stage."""
+        if top_k < 1:
+            raise ValueError(f"search: top_k must be >= 1, got {top_k}")
+        k = min(top_k, len(self.index))
+        n_q = next(iter(text.values())).shape[0]
+        if candidates is None:
+            full = self.full_scores(text)                                            # (Q, N)
+            tops = [_top(full[q], k) for q in range(n_q)]
+        else:
+            if candidates < k:
+                raise ValueError(f"search: candidates ({candidates}) must be >= top_k ({top_k})")
+            coarse = self.coarse_scores(text)                                        # (Q, N)
+            tops = []
+            for q in range(n_q):
+                _, cand = _top(coarse[q], min(candidates, len(self.index)))
+                cand = cand.sort().values                     # index order: ties resolve as exhaustive
+                tq = {key: v[q:q + 1] for key, v in text.items()}
+                s, local = _top(self.full_scores(tq, cand)[0], k)
+                tops.append((s, cand[local]))
+        return torch.stack([t[0] for t in tops]), torch.stack([t[1] for t in tops])
+
+    def search(self, query: str, top_k: int = 10, candidates: int | None = None) -> list[SearchHit]:
+        scores, rows = self.search_features(self.encode_queries([query]), top_k, candidates)
+        return [SearchHit(rank=r + 1, video_id=self.index.ids[int(i)], score=float(s))
+                for r, (s, i) in enumerate(zip(scores[0], rows[0]))]
+
+
+def topk_overlap(exhaustive: Tensor, two_stage: Tensor) -> float:
+    """Mean fraction of each query's exhaustive top-k found in its two-stage top-k (recall kept):
+    rows (Q, k) of clip indices -> value in [0, 1]; 1 - it is the recall lost."""
+    hits = [len(set(a.tolist()) & set(b.tolist())) / a.numel() for a, b in zip(exhaustive, two_stage)]
+    return float(sum(hits) / len(hits))

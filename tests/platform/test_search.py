@@ -1,0 +1,167 @@
+"""Search: exhaustive vs two-stage on real (tiny, random-init) methods, and the index round trip
+(Ray Data build -> resumed build -> search returns the clip whose caption was queried) for a tiny
+model trained on the synthetic set."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tvr.backbone import BackboneCfg, ClipBackbone
+from tvr.methods import METHODS, build_method
+from tvr_platform.search import Searcher, VideoIndex, topk_overlap
+
+TINY = BackboneCfg(name="tvr-tiny")
+
+
+def tiny_method(name: str, **cfg):
+    torch.manual_seed(0)
+    return build_method(name, METHODS[name].config_cls(**cfg), ClipBackbone(TINY)).eval()
+
+
+def random_index(method, n: int, frames: int = 2) -> VideoIndex:
+    g = torch.Generator().manual_seed(1)
+    clips = torch.randn(n, frames, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        feats = method.encode_video(clips)
+    return VideoIndex(uri="mem://", meta={"method": type(method).__name__}, ids=[f"video{i}.mp4" for i in range(n)],
+                      features=feats)
+
+
+QUERIES = ["a red circle moves left", "a blue square", "two shapes", "a green triangle appears", "nothing"]
+
+
+@pytest.mark.parametrize("name,cfg", [("meanp", {}), ("xpool", {}), ("ucofia", {"chunk_size": 8}),
+                                      ("tmass", {"num_frames": 2, "num_samples": 3})])
+def test_two_stage_keeping_everything_equals_exhaustive(name, cfg):
+    method = tiny_method(name, **cfg)
+    index = random_index(method, 13)
+    searcher = Searcher(method, index, chunk=5)              # chunks of 5: scoring crosses chunk borders
+    text = searcher.encode_queries(QUERIES)
+    s_ex, r_ex = searcher.search_features(text, top_k=13)
+    s_two, r_two = searcher.search_features(text, top_k=13, candidates=13)
+    assert torch.equal(r_ex, r_two)
+    torch.testing.assert_close(s_ex, s_two)
+    assert topk_overlap(r_ex, r_two) == 1.0
+    # exhaustive == sorting the method's own full similarity matrix
+    with torch.no_grad():
+        full = method.similarity(text, index.features)
+    assert torch.equal(r_ex, torch.sort(-full, dim=1, stable=True).indices)
+
+
+def test_two_stage_reranks_only_candidates_and_reports_overlap():
+    method = tiny_method("ucofia", chunk_size=8)
+    index = random_index(method, 20)
+    searcher = Searcher(method, index)
+    text = searcher.encode_queries(QUERIES)
+    _, r_ex = searcher.search_features(text, top_k=5)
+    _, r_two = searcher.search_features(text, top_k=5, candidates=6)
+    coarse = searcher.coarse_scores(text)
+    for q in range(len(QUERIES)):        # every hit is among the 6 best coarse clips of its query
+        allowed = set(torch.sort(-coarse[q], stable=True).indices[:6].tolist())
+        assert set(r_two[q].tolist()) <= allowed
+    overlap = topk_overlap(r_ex, r_two)
+    expect = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(r_ex, r_two)) / (5 * len(QUERIES))
+    assert overlap == pytest.approx(expect)
+    with pytest.raises(ValueError, match="candidates"):
+        searcher.search_features(text, top_k=5, candidates=3)
+
+
+def test_coarse_stage_is_cosine_of_global_embeddings():
+    method = tiny_method("xpool")
+    index = random_index(method, 7)
+    searcher = Searcher(method, index)
+    text = searcher.encode_queries(QUERIES[:2])
+    t = torch.nn.functional.normalize(text["text"].double(), dim=-1)
+    v = torch.nn.functional.normalize(index.features["frames"].double().mean(1), dim=-1)
+    torch.testing.assert_close(searcher.coarse_scores(text).double(), t @ v.t(), rtol=1e-5, atol=1e-6)
+
+
+def test_bad_queries_and_missing_index(tmp_path):
+    from tvr_platform.search import load_index
+
+    method = tiny_method("meanp")
+    searcher = Searcher(method, random_index(method, 3))
+    with pytest.raises(ValueError, match="non-empty"):
+        searcher.search("  ")
+    with pytest.raises(ValueError, match="top_k"):
+        searcher.search("a", top_k=0)
+    assert len(searcher.search("a red circle", top_k=10)) == 3        # k capped at the index size
+    with pytest.raises(FileNotFoundError, match="tvr index build"):
+        load_index(str(tmp_path / "nowhere"))
+
+
+def test_default_index_sits_next_to_the_videos():
+    from tvr_platform.search import default_index_uri
+
+    assert default_index_uri("s3://b/data/msrvtt/videos", "models:/tvr@champion") == \
+        "s3://b/data/msrvtt/tvr-index/tvr@champion"
+    assert default_index_uri("/d/videos/", "models:/m/3") == "/d/tvr-index/m_3"
+
+
+# -- round trip on a trained model (Ray) ----------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_index_round_trip_finds_the_captioned_clip(tmp_path, capsys):
+    """Train a tiny X-Pool (per-frame features in the index), build the index in two resumed runs,
+    search every test caption: the hits equal the model's own scores on directly decoded clips, and
+    the clip whose caption is queried comes back first wherever the model ranks it first."""
+    import numpy as np
+
+    from tiny import tiny_overrides
+    from tvr.data.frames import decode_frames, normalize
+    from tvr_platform.cli import main
+    from tvr_platform.config import load_job
+    from tvr_platform.data.pipeline import backbone_preprocess, dataset_storage, load_manifest, videos_uri
+    from tvr_platform.recipes import ensure_synthetic, train
+    from tvr_platform.search import build_index, load_index
+    from tvr_platform.search.cli import open_searcher
+
+    overrides = tiny_overrides(tmp_path, **{
+        "model.method": "xpool", "train.epochs": 6, "train.num_workers": 0, "data.synth.num_clips": 24,
+        "tracking.registered_model": "tiny-search"})
+    job = load_job(None, overrides)
+    ensure_synthetic(job)
+    train(job, register=True)
+    model = "models:/tiny-search@champion"
+    videos = videos_uri(job)
+    wd = [f"run.work_dir={tmp_path}", "data.decode_num_cpus=0.5", "data.decode_concurrency=1"]
+
+    first = build_index(model, videos, overrides=wd, batch_size=4, max_clips=5)   # interrupted build
+    assert first["embedded"] == 5 and first["already_indexed"] == 0
+    assert main(["index", "build", model, "--videos", videos, "--batch-size", "4", *wd]) == 0
+    assert "5 already indexed, 19 embedded now" in capsys.readouterr().out
+    index = load_index(first["index"])
+    assert len(index) == 24 == len(set(index.ids)) and index.meta["model_version"] == "models:/tiny-search/1"
+    assert index.features["frames"].shape[:2] == (24, 2)                  # per-frame features kept
+    again = build_index(model, videos, overrides=wd, batch_size=4)
+    assert again["embedded"] == 0 and again["already_indexed"] == 24
+
+    # independent scores: decode each clip without Ray, encode, score with the method
+    searcher = open_searcher(None, wd)
+    method = searcher.method
+    size, mean, std = backbone_preprocess(job.model.backbone.name)
+    store = dataset_storage(job).child(job.data.videos)
+    clips = torch.from_numpy(np.stack([
+        normalize(decode_frames(store.read_bytes(v), job.data.num_frames, size=size, mode="uniform").frames,
+                  mean, std) for v in index.ids]))
+    manifest = load_manifest(job, "test")
+    captions = manifest.captions
+    files = [manifest.video_files[v] for v in manifest.caption_video]
+    with torch.no_grad():
+        full = method.similarity(method.encode_text(method.backbone.tokenize(captions)), method.encode_video(clips))
+    found = 0
+    for c, (caption, file) in enumerate(zip(captions, files)):
+        hits = searcher.search(caption, top_k=3)
+        expect = torch.sort(-full[c], stable=True).indices[:3]
+        assert [h.video_id for h in hits] == [index.ids[i] for i in expect]
+        np.testing.assert_allclose([h.score for h in hits], full[c, expect].numpy(), rtol=1e-4, atol=1e-5)
+        if index.ids[int(expect[0])] == file:
+            assert hits[0].video_id.endswith(file)
+            found += 1
+    assert found >= len(captions) // 3, f"the trained model finds only {found}/{len(captions)} captioned clips"
+
+    assert main(["search", captions[0], "--top-k", "2", *wd]) == 0
+    out = capsys.readouterr().out
+    assert "24 clips, xpool (exhaustive)" in out and out.count(".mp4") == 2
