@@ -17,14 +17,19 @@ log = logging.getLogger(__name__)
 
 
 class DecodeClips:
-    """Ray Data callable class: rows with ``file`` (+ segment) -> ``frames`` float32 (T, 3, S, S)."""
+    """Ray Data callable class: rows with ``file`` (+ segment) -> ``frames`` float32 (T, 3, S, S).
+
+    ``raw=True`` (the frame cache): ``frames`` stay uint8 (T, S, S, 3), every row is kept, and a
+    ``valid`` bool column says whether the clip could be decoded (all-zero frames when not).
+    """
 
     def __init__(self, *, videos: Storage, num_frames: int, size: int, mean: tuple[float, ...],
-                 std: tuple[float, ...], train: bool, seed: int, split: str, quarantine: Storage | None):
+                 std: tuple[float, ...], train: bool, seed: int, split: str, quarantine: Storage | None,
+                 raw: bool = False):
         self.videos, (self.fs, _) = videos, videos.pyarrow_filesystem()
         self.num_frames, self.size, self.mean, self.std = num_frames, size, mean, std
         self.train, self.seed, self.split = train, seed, split
-        self.quarantine = quarantine
+        self.quarantine, self.raw = quarantine, raw
 
     def _read(self, rel: str) -> bytes:
         path = self.videos.arrow_path(rel)
@@ -39,7 +44,7 @@ class DecodeClips:
         from ray.data import DataContext
 
         pass_idx = int(getattr(DataContext.get_current(), "_execution_idx", 0) or 0)
-        keep, frames, records = [], [], []
+        keep, frames, records, valid = [], [], [], []
         for i, rel in enumerate(batch["file"]):
             rel = str(rel)
             vidx = int(batch["video_index"][i])
@@ -57,7 +62,11 @@ class DecodeClips:
                     reason = "missing video file"
                 records.append({"uri": uri, "reason": reason[:300], "split": self.split,
                                 "action": "skipped" if self.train else "zero frames"})
-                if not self.train:
+                if self.raw:
+                    keep.append(i)
+                    valid.append(False)
+                    frames.append(np.zeros((self.num_frames, self.size, self.size, 3), np.uint8))
+                elif not self.train:
                     keep.append(i)
                     frames.append(np.zeros((self.num_frames, 3, self.size, self.size), np.float32))
                 continue
@@ -69,7 +78,8 @@ class DecodeClips:
                 records.append({"uri": uri, "reason": "; ".join(res.warnings), "split": self.split,
                                 "action": "patched"})
             keep.append(i)
-            frames.append(normalize(res.frames, self.mean, self.std))             # (T, 3, S, S)
+            valid.append(True)
+            frames.append(res.frames if self.raw else normalize(res.frames, self.mean, self.std))
         if records and self.quarantine is not None:
             blob = "".join(json.dumps(r) + "\n" for r in records).encode("utf-8")
             try:
@@ -78,6 +88,10 @@ class DecodeClips:
                 log.warning("could not write quarantine records: %s", err)
         out = {k: v[keep] for k, v in batch.items()
                if k not in ("file", "seg_start", "seg_end", "epoch_seed")}
-        empty = np.zeros((0, self.num_frames, 3, self.size, self.size), np.float32)
-        out["frames"] = np.stack(frames) if frames else empty                      # (B', T, 3, S, S)
+        if self.raw:
+            out["valid"] = np.asarray(valid, bool)
+            shape, dtype = (0, self.num_frames, self.size, self.size, 3), np.uint8
+        else:
+            shape, dtype = (0, self.num_frames, 3, self.size, self.size), np.float32
+        out["frames"] = np.stack(frames) if frames else np.zeros(shape, dtype)     # (B', T, 3, S, S)
         return out
