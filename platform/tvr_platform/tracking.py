@@ -98,7 +98,10 @@ class Tracker:
         self.client.set_terminated(self.run_id, status)
 
     def url(self) -> str:
+        """The run's page on a tracking server (http[s]), else where to find it in a local store."""
         run = self.client.get_run(self.run_id)
+        if self.tracking_uri.startswith(("http://", "https://")):
+            return f"{self.tracking_uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{self.run_id}"
         return f"{self.tracking_uri} experiment {run.info.experiment_id} run {self.run_id}"
 
 

@@ -280,6 +280,7 @@ def test_prepare_ships_checkout_resolved_spec_and_job_id(spec):
     assert sub.metadata["tvr_run"] == "smoke" and sub.metadata["tvr_command"] == "check"
     assert all(isinstance(v, str) for v in sub.metadata.values())
     assert len(sub.warnings) == 3  # relative work_dir, local storage, local MLflow
+    assert shipped_spec["run"]["work_dir"] == "./tvr-work"  # as written: resolved on the cluster, not here
 
 
 def test_shipped_spec_round_trips_through_the_launcher(spec, tmp_path, monkeypatch, capsys):
@@ -301,6 +302,18 @@ def test_shipped_spec_round_trips_through_the_launcher(spec, tmp_path, monkeypat
     assert report["job_id"] == sub.submission_id and report["run"] == "roundtrip"
     assert report["env_vars"] == {"TVR_TEST_MARK": "hello"}
     assert launch.main(["serve"]) == 2
+
+
+def test_relative_paths_ship_as_written_absolute_ones_as_given(spec, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # load_job would anchor relative paths here: a laptop path, useless on a cluster
+    sub = sb.prepare(spec, ["run.work_dir=out", "storage.uri=ckpts", "tracking.uri=sqlite:///db/mlflow.db",
+                            "data.root=/mnt/data/msrvtt"], checkout=None)
+    shipped = yaml.safe_load(sub.runtime_env["env_vars"]["TVR_JOB_SPEC"])
+    assert (shipped["run"]["work_dir"], shipped["storage"]["uri"], shipped["tracking"]["uri"]) == (
+        "out", "ckpts", "sqlite:///db/mlflow.db")
+    assert shipped["data"]["root"] == "/mnt/data/msrvtt"
+    assert str(tmp_path) not in sub.spec_yaml
+    assert any(w.startswith("run.work_dir='out' is not an absolute path") for w in sub.warnings)
 
 
 def test_ship_code_false_ships_no_code(spec):
@@ -520,3 +533,65 @@ def test_stop_a_running_job(ray_head, capsys, clean_auth, monkeypatch):
     assert f"job {job_id} STOPPED" in capsys.readouterr().err
     assert cli.main(["jobs", "stop", job_id, "--address", address]) == 0
     assert "already ended (STOPPED)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(480)
+def test_submitted_training_job_logs_to_mlflow_under_its_ray_job_id(ray_head, spec, tmp_path, capsys, clean_auth,
+                                                                    monkeypatch):
+    """A tiny `tvr train` job through the Jobs API: logs followed to SUCCEEDED, the run URL printed by
+    the job, and its MLflow run tagged with the submission id."""
+    from mlflow.tracking import MlflowClient
+
+    from tiny import tiny_overrides
+    from tvr_platform.config import load_job
+    from tvr_platform.data.pipeline import synth_dataset
+
+    address, token = ray_head
+    monkeypatch.setenv("RAY_AUTH_TOKEN", token)
+    overrides = [*tiny_overrides(tmp_path / "work"), "train.epochs=1", "run.name=submitted-tiny",
+                 f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    job = load_job(spec, overrides)
+    synth_dataset(job)  # the cluster shares this machine's disk: the job reads these clips
+    rc = cli.main(["submit", str(spec), "--address", address, "--follow", *overrides])
+    out, err = capsys.readouterr()
+    assert rc == 0, out[-6000:] + err[-3000:]
+    job_id = _submitted_id(out)
+    assert f"job {job_id} SUCCEEDED" in out
+    printed = re.search(r"\[tvr\] MLflow run: (sqlite:///\S+) experiment (\S+) run ([0-9a-f]{32})", out)
+    assert printed, out[-6000:]
+
+    client = MlflowClient(job.tracking_uri)
+    run = client.get_run(printed.group(3))
+    assert run.info.experiment_id == printed.group(2) and run.info.status == "FINISHED"
+    assert run.data.tags["tvr.ray_job_id"] == job_id and run.data.tags["tvr.run_name"] == "submitted-tiny"
+    assert run.data.params["train.epochs"] == "1" and "final/t2v_R1" in run.data.metrics
+    assert token not in out + err
+
+
+def test_launcher_links_the_ray_submission_id_when_tvr_submit_did_not():
+    from tvr_platform.cluster import launch
+
+    config = json.dumps({"runtime_env": {}, "metadata": {"job_submission_id": "rayjob-abc", "job_name": "x"}})
+    env = {"RAY_JOB_CONFIG_JSON_ENV_VAR": config}
+    assert launch.link_job_id(env) == "rayjob-abc" and env["TVR_RAY_JOB_ID"] == "rayjob-abc"
+    env = {"RAY_JOB_CONFIG_JSON_ENV_VAR": config, "TVR_RAY_JOB_ID": "tvr-train-1"}
+    assert launch.link_job_id(env) == "tvr-train-1"  # tvr submit's id wins (it is the same id)
+    for env in ({}, {"RAY_JOB_CONFIG_JSON_ENV_VAR": "not json"}, {"RAY_JOB_CONFIG_JSON_ENV_VAR": "{}"}):
+        assert launch.link_job_id(env) is None and "TVR_RAY_JOB_ID" not in env
+
+
+def test_tracker_url_is_the_run_page_on_a_tracking_server():
+    from types import SimpleNamespace
+
+    from tvr_platform.tracking import Tracker
+
+    run = SimpleNamespace(info=SimpleNamespace(experiment_id="7"))
+
+    class Fixed(Tracker):
+        @property
+        def client(self):
+            return SimpleNamespace(get_run=lambda run_id: run)
+
+    assert Fixed("http://mlflow.tvr.svc:5000/", "ab12").url() == "http://mlflow.tvr.svc:5000/#/experiments/7/runs/ab12"
+    assert Fixed("sqlite:////w/mlflow.db", "ab12").url() == "sqlite:////w/mlflow.db experiment 7 run ab12"

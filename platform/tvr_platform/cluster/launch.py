@@ -6,6 +6,10 @@ file (never into the shared, cached working dir) and replaces itself with
 a local one differ only in where they run. ``check`` instead validates the spec and prints what
 the job sees (imports, versions, GPUs, the Ray job id) as one JSON line and exits: a cheap smoke
 test of a cluster's image and the code shipping (``tvr submit spec.yaml --command check``).
+
+The same entrypoint serves a KubeRay RayJob (``infra/kuberay/rayjob.yaml``): the spec arrives in
+``TVR_JOB_SPEC`` through ``runtimeEnvYAML``, and the Ray submission id (the RayJob's ``jobId``) is
+read from Ray's job config when ``TVR_RAY_JOB_ID`` is not set.
 """
 
 from __future__ import annotations
@@ -17,6 +21,26 @@ import tempfile
 from pathlib import Path
 
 from tvr_platform.cluster.submit import COMMANDS, JOB_ID_ENV, SPEC_ENV, SPEC_NAME_ENV
+
+
+def ray_submission_id(env: dict[str, str] | os._Environ = os.environ) -> str | None:
+    """The Ray Jobs submission id this driver runs under, from the job config Ray hands the entrypoint
+    (``RAY_JOB_CONFIG_JSON_ENV_VAR``: metadata ``job_submission_id``); None outside a Ray job."""
+    try:
+        config = json.loads(env.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    except ValueError:
+        return None
+    return (config.get("metadata") or {}).get("job_submission_id") or None
+
+
+def link_job_id(env: dict[str, str] | os._Environ = os.environ) -> str | None:
+    """Make sure ``TVR_RAY_JOB_ID`` (the MLflow tag ``tvr.ray_job_id``) is set: ``tvr submit`` sets it;
+    a KubeRay RayJob or a plain ``ray job submit`` does not, so it is taken from Ray's job config."""
+    if not env.get(JOB_ID_ENV):
+        found = ray_submission_id(env)
+        if found:
+            env[JOB_ID_ENV] = found
+    return env.get(JOB_ID_ENV)
 
 
 def write_spec(env: dict[str, str] | os._Environ = os.environ) -> Path:
@@ -54,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1 or argv[0] not in COMMANDS:
         print(f"usage: python -m tvr_platform.cluster.launch {{{','.join(COMMANDS)}}}", file=sys.stderr)
         return 2
+    link_job_id()
     spec = write_spec()
     if argv[0] == "check":
         print("tvr-check " + json.dumps(check(spec), sort_keys=True), flush=True)

@@ -319,9 +319,10 @@ def _is_local_path(uri: str) -> bool:
 def portability_warnings(job: Any) -> list[str]:
     """Settings that work on a laptop but lose results on a cluster (warnings, not errors)."""
     out = []
-    if not Path(job.run.work_dir).expanduser().is_absolute():
-        out.append(f"run.work_dir={job.run.work_dir!r} is relative: on the cluster it lands in the job's temporary "
-                   "working directory; set an absolute shared path, or storage.uri / tracking.uri below")
+    if not Path(job.run.work_dir).is_absolute():
+        out.append(f"run.work_dir={job.run.work_dir!r} is not an absolute path: on the cluster it lands in the "
+                   "job's temporary working directory; set an absolute shared path, or storage.uri / tracking.uri "
+                   "below")
     if _is_local_path(job.storage.uri or job.run.work_dir):
         out.append("storage.uri is a local path: with several nodes each writes its own checkpoints; "
                    "use s3://<bucket>/<prefix> (storage.endpoint_url for MinIO)")
@@ -331,6 +332,44 @@ def portability_warnings(job: Any) -> list[str]:
                    "head node: MLflow runs are lost with it; point it at the tracking server "
                    "(http://mlflow.tvr.svc:5000, infra/mlflow)")
     return out
+
+
+PATH_KEYS = ("run.work_dir", "storage.uri", "data.root", "tracking.uri", "model.backbone.pretrained")
+"""Local paths that ``load_job`` makes absolute against the current directory."""
+
+
+def _is_relative_path(key: str, value: Any) -> bool:
+    if not isinstance(value, str) or not value:
+        return False
+    if key == "tracking.uri":
+        return value.startswith("sqlite:///") and not Path(value[len("sqlite:///"):]).is_absolute()
+    return "://" not in value and not Path(value).is_absolute()
+
+
+def keep_relative_paths(job: Any, spec: str | os.PathLike, overrides: Iterable[str]) -> list[str]:
+    """Put back the relative local paths the spec and overrides wrote (in place); returns their keys.
+
+    ``load_job`` anchors them on this machine's current directory, which means nothing on the
+    cluster (``/home/alice/tvr/tvr-work``): shipped as written, they resolve in the job's own
+    working directory there, and :func:`portability_warnings` says so.
+    """
+    from omegaconf import OmegaConf
+
+    from tvr_platform.config import JobCfg
+
+    written = OmegaConf.merge(OmegaConf.structured(JobCfg), OmegaConf.load(spec),
+                              OmegaConf.from_dotlist(list(overrides)))
+    kept = []
+    for key in PATH_KEYS:
+        value = OmegaConf.select(written, key)
+        if _is_relative_path(key, value):
+            *parents, leaf = key.split(".")
+            owner = job
+            for name in parents:
+                owner = getattr(owner, name)
+            setattr(owner, leaf, value)
+            kept.append(key)
+    return kept
 
 
 def _check_no_credentials(job: Any) -> None:
@@ -352,10 +391,12 @@ def prepare(spec: str | os.PathLike, overrides: Iterable[str] = (), *, command: 
     if command not in COMMANDS:
         raise SubmitError(f"--command {command!r}: choose one of {', '.join(COMMANDS)}")
     try:
-        job = load_job(spec, list(overrides))
+        overrides = list(overrides)
+        job = load_job(spec, overrides)
     except ConfigError as err:
         raise SubmitError(f"invalid job spec: {err}") from None
     _check_no_credentials(job)
+    keep_relative_paths(job, spec, overrides)
     spec_address = job.cluster.address
     job.cluster.address = "auto"  # the job's driver joins the cluster it runs on
     spec_yaml = job_to_yaml(job)

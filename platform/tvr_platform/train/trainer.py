@@ -75,6 +75,7 @@ def run_training(job: JobCfg, *, callbacks: list | None = None, tracker: Tracker
     if tracker is None:
         tracker = start_run(job)
         tracker.log_text(job_to_yaml(job), "config/job.yaml")
+        print(f"[tvr] MLflow run: {tracker.url()}", flush=True)  # in a submitted job's logs from the start
     check_cpu_budget(job)
     storage_path, storage_fs = run_storage(job)
     if job.train.num_workers == 0 and storage_fs is None:
