@@ -22,6 +22,9 @@ REPO_JOBS = Path(__file__).resolve().parents[2] / "jobs"
 COMMAND_GROUPS = (
     "tvr_platform.cluster.cli",    # tvr submit, tvr jobs status|logs|stop|list
     "tvr_platform.captions.cli",   # tvr captions improve|generate (ExCae CSI)
+    "tvr_platform.tune.cli",       # tvr tune, tvr registry promote
+    "tvr_platform.search.cli",     # tvr index build, tvr search
+    "tvr_platform.bench.cli",      # tvr bench methods
 )
 
 
