@@ -122,7 +122,9 @@ def promote(tracking_uri: str, name: str, version: str, *, metric: str = "t2v_R1
     except MlflowException:
         current = None
     cur_score = float(current.tags.get(f"metric.{metric}", "nan")) if current else None
-    same_eval = current is None or current.tags.get("dataset") == new.tags.get("dataset")
+    same_eval = current is None or (current.tags.get("dataset") == new.tags.get("dataset") and all(
+        current.tags[k] == new.tags[k] for k in ("data_manifest_hash", "eval_split")
+        if k in current.tags and k in new.tags))
     better = current is None or (same_eval and (score > cur_score if mode == "max" else score < cur_score))
     if better:
         client.set_registered_model_alias(name, champion, version)

@@ -1,0 +1,251 @@
+"""``run_campaign(job)``: a Ray Tune campaign whose trials run the same training service as
+``tvr train`` (a Ray Train V2 ``TorchTrainer`` built by ``run_training`` inside a Tune function
+trainable), tracked as one MLflow parent run with a child run per trial.
+
+Resources (the trap on small machines): the trial is only the trainer's *driver*. Tune places the
+trial function in a placement group whose bundles capture every child task and actor that does not
+ask for its own scheduling strategy. The TorchTrainer's controller (0 CPU) lands there, and the
+trainer's workers get their own placement group, so the trial must NOT reserve the workers' CPUs as
+well: it asks for ``tune.trial_cpus`` (default 0.01 CPU) and the workers
+(``train.num_workers x train.cpus_per_worker``) plus Ray Data's decode actors must fit the cluster
+next to it. A trial that reserves a full CPU leaves a 2-CPU machine with too little for both.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tvr_platform.config import ConfigError, JobCfg, job_from_dict, job_to_dict, job_to_yaml
+from tvr_platform.tune.space import SearchSpace, apply_values, build_space, merged_space
+
+CAMPAIGN_TAG = "tvr.tune.campaign"
+ROLE_TAG = "tvr.tune.role"
+TRIAL_ID_TAG = "tvr.tune.trial_id"
+CHECKPOINT_TAG = "tvr.checkpoint_path"
+VALIDATION_METRICS = tuple(f"{d}_{m}" for d in ("t2v", "v2t") for m in ("R1", "R5", "R10", "MdR", "MnR")) \
+    + ("train_loss",)
+
+
+def campaign_name(job: JobCfg) -> str:
+    return job.tune.name or job.run.name
+
+
+def tune_storage(job: JobCfg) -> tuple[str, Any]:
+    """(storage_path, pyarrow filesystem or None) of the campaign's Tune experiments."""
+    from tvr_platform.storage import open_storage
+
+    if job.storage_uri.startswith("s3://"):
+        store = open_storage(job.storage_uri, endpoint_url=job.storage.endpoint_url, region=job.storage.region)
+        fs, path = store.pyarrow_filesystem()
+        return f"{path.rstrip('/')}/tune", fs
+    path = Path(job.storage_uri) / "tune"
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path), None
+
+
+def check_campaign(job: JobCfg) -> SearchSpace:
+    """Everything that can be checked without Ray: the space, the metric, the schedule."""
+    space = build_space(job)
+    if job.tune.metric not in VALIDATION_METRICS:
+        raise ConfigError(f"tune.metric={job.tune.metric!r}: choose one of {list(VALIDATION_METRICS)}")
+    if job.tune.scheduler == "asha" and job.tune.grace_period > job.train.epochs:
+        raise ConfigError(f"tune.grace_period={job.tune.grace_period} exceeds train.epochs={job.train.epochs}")
+    if job.train.eval_every != 1 and job.tune.scheduler == "asha":
+        raise ConfigError("tune.scheduler=asha needs the validation metric every epoch: set train.eval_every=1")
+    return space
+
+
+def trial_job(base: JobCfg, space: SearchSpace, config: dict[str, Any], trial_id: str) -> JobCfg:
+    """The job a trial trains: the campaign's job + its sampled values, named after the trial
+    (a deterministic name, so a retried trial resumes its Ray Train run)."""
+    job = apply_values(base, space.trial_values(config))
+    job.run.name = f"{campaign_name(base)}-{trial_id}"
+    return job
+
+
+# -- the trial (runs in a Tune function trainable) -------------------------------------------------
+
+def run_trial(config: dict[str, Any], *, base: dict[str, Any], space: SearchSpace, parent_run_id: str) -> None:
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from tvr_platform.tracking import start_run
+    from tvr_platform.train.trainer import run_training
+
+    base_job = job_from_dict(base)
+    trial_id = tune.get_context().get_trial_id()
+    job = trial_job(base_job, space, config, trial_id)
+    values = space.trial_values(config)
+    tracker = start_run(job, nested_in=parent_run_id, run_name=job.run.name)
+    tracker.set_tags({CAMPAIGN_TAG: campaign_name(base_job), ROLE_TAG: "trial", TRIAL_ID_TAG: trial_id,
+                      "tvr.tune.values": json.dumps(values, default=str)})
+    tracker.log_text(job_to_yaml(job), "config/job.yaml")
+    result = run_training(job, callbacks=[TuneReportCallback()], tracker=tracker)
+    metrics = {k: float(v) for k, v in result.metrics.items() if k in VALIDATION_METRICS}
+    tracker.log_metrics({f"final/{k}": v for k, v in metrics.items()})
+    tracker.log_dict({"trial_id": trial_id, "run": job.run.name, "method": job.model.method,
+                      "split": job.data.test_split, "values": values, "metrics": metrics,
+                      "checkpoint": result.checkpoint_path}, "report/eval.json")
+    tracker.set_tags({CHECKPOINT_TAG: result.checkpoint_path})
+    _log_learning_curve(tracker, base_job.tune.metric)
+    tracker.terminate("FINISHED")
+
+
+def _log_learning_curve(tracker, metric: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    history = tracker.client.get_metric_history(tracker.run_id, f"val/{metric}")
+    loss = tracker.client.get_metric_history(tracker.run_id, "train_loss")
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot([m.step for m in history], [m.value for m in history], "o-", label=f"val/{metric}")
+    ax.set_xlabel("global step")
+    ax.set_ylabel(metric)
+    if loss:
+        ax2 = ax.twinx()
+        ax2.plot([m.step for m in loss], [m.value for m in loss], "s--", color="tab:red", label="train_loss")
+        ax2.set_ylabel("train_loss")
+    ax.set_title("learning curve")
+    fig.tight_layout()
+    tracker.client.log_figure(tracker.run_id, fig, "plots/learning_curve.png")
+    plt.close(fig)
+
+
+# -- the campaign (driver) -------------------------------------------------------------------------
+
+def _child_run_closer(tracking_uri: str, experiment: str, campaign: str):
+    """A Tune callback marking child runs that Tune ended (ASHA stop, error) as such in MLflow:
+    a stopped trial's process is killed before it can close its own run."""
+    from ray.tune import Callback
+
+    class ChildRunCloser(Callback):
+        def _close(self, trial, status: str, tags: dict[str, str]) -> None:
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(tracking_uri)
+            exp = client.get_experiment_by_name(experiment)
+            if exp is None:
+                return
+            runs = client.search_runs([exp.experiment_id], filter_string=(
+                f"tags.`{TRIAL_ID_TAG}` = '{trial.trial_id}' and tags.`{CAMPAIGN_TAG}` = '{campaign}'"))
+            for run in runs:
+                if run.info.status == "RUNNING":
+                    for k, v in tags.items():
+                        client.set_tag(run.info.run_id, k, v)
+                    client.set_terminated(run.info.run_id, status)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._close(trial, "KILLED", {"tvr.tune.stopped_early": "true"})
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._close(trial, "FAILED", {})
+
+    return ChildRunCloser()
+
+
+def _search_alg(job: JobCfg, space: SearchSpace):
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    if job.tune.search_alg == "optuna":
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(space=space.define_by_run, sampler=optuna.samplers.TPESampler(seed=job.tune.seed),
+                            seed=job.tune.seed)
+    return BasicVariantGenerator(random_state=job.tune.seed)
+
+
+def _scheduler(job: JobCfg):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if job.tune.scheduler == "asha":
+        return ASHAScheduler(time_attr="training_iteration", max_t=job.train.epochs,
+                             grace_period=job.tune.grace_period, reduction_factor=job.tune.reduction_factor)
+    return FIFOScheduler()
+
+
+@dataclass
+class CampaignResult:
+    name: str
+    experiment_path: str
+    parent_run_id: str
+    rows: list[dict[str, Any]]
+    best: dict[str, Any] | None
+    interrupted: bool
+    promoted: dict[str, Any] | None = None
+
+
+def run_campaign(job: JobCfg, *, resume: bool = False, retry_errored: bool = False) -> CampaignResult:
+    """Validate, then run (or resume) the campaign and summarise it in the parent MLflow run."""
+    from ray import tune
+
+    from tvr_platform.data.pipeline import load_manifest
+    from tvr_platform.tracking import start_run
+    from tvr_platform.train.trainer import init_ray
+
+    space = check_campaign(job)  # before anything starts
+    load_manifest(job, job.data.train_split)  # the data must be there before trials start
+    load_manifest(job, job.data.test_split)
+    name = campaign_name(job)
+    storage_path, storage_fs = tune_storage(job)
+    exp_path = f"{storage_path}/{name}"
+    init_ray(job)
+    can_restore = tune.Tuner.can_restore(exp_path, storage_filesystem=storage_fs)
+    if resume and not can_restore:
+        raise ConfigError(f"--resume: no campaign {name!r} at {exp_path} to resume (tune.name / run.name)")
+    if not resume and can_restore:
+        raise ConfigError(f"campaign {name!r} already exists at {exp_path}: add --resume to continue it, "
+                          "or set another tune.name")
+
+    parent = start_run(job, run_name=name)
+    parent.set_tags({CAMPAIGN_TAG: name, ROLE_TAG: "campaign", "tvr.tune.experiment_path": exp_path})
+    parent.log_dict(merged_space(job), "campaign/search_space.json")
+    parent.log_text(job_to_yaml(job), "config/job.yaml")
+
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=job_to_dict(job), space=space, parent_run_id=parent.run_id),
+        {"CPU": job.tune.trial_cpus, **({"GPU": job.tune.trial_gpus} if job.tune.trial_gpus else {})})
+    if resume:
+        tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=False,
+                                   restart_errored=retry_errored, storage_filesystem=storage_fs)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={} if job.tune.search_alg == "optuna" else space.ray_param_space(),
+            tune_config=tune.TuneConfig(
+                metric=job.tune.metric, mode=job.tune.mode, num_samples=job.tune.num_samples,
+                search_alg=_search_alg(job, space), scheduler=_scheduler(job),
+                max_concurrent_trials=job.tune.max_concurrent_trials),
+            run_config=tune.RunConfig(
+                name=name, storage_path=storage_path, storage_filesystem=storage_fs,
+                failure_config=tune.FailureConfig(max_failures=job.tune.max_failures),
+                callbacks=[_child_run_closer(job.tracking_uri, job.tracking.experiment, name)]),
+        )
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        grid = tuner.fit()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+    from tvr_platform.tune.summary import summarize
+
+    rows, best = summarize(grid, job, space, parent)
+    interrupted = any(r["status"] in ("PENDING", "RUNNING", "PAUSED") for r in rows)
+    result = CampaignResult(name=name, experiment_path=exp_path, parent_run_id=parent.run_id, rows=rows,
+                            best=best, interrupted=interrupted)
+    if interrupted:
+        parent.terminate("KILLED")
+        return result
+    if job.tune.promote and best is not None:
+        from tvr_platform.tune.promote import promote_trial
+
+        result.promoted = promote_trial(job, best["run_id"])
+        parent.log_dict(result.promoted, "campaign/promoted.json")
+    parent.terminate("FINISHED")
+    return result
