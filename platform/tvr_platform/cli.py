@@ -23,7 +23,6 @@ COMMAND_GROUPS = (
     "tvr_platform.cluster.cli",    # tvr submit, tvr jobs status|logs|stop|list
     "tvr_platform.captions.cli",   # tvr captions improve|generate (ExCae CSI)
     "tvr_platform.tune.cli",       # tvr tune, tvr registry promote
-    "tvr_platform.tune.cli",       # tvr tune, tvr registry promote
     "tvr_platform.search.cli",     # tvr index build, tvr search
     "tvr_platform.bench.cli",      # tvr bench methods
 )
