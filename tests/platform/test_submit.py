@@ -595,3 +595,13 @@ def test_tracker_url_is_the_run_page_on_a_tracking_server():
 
     assert Fixed("http://mlflow.tvr.svc:5000/", "ab12").url() == "http://mlflow.tvr.svc:5000/#/experiments/7/runs/ab12"
     assert Fixed("sqlite:////w/mlflow.db", "ab12").url() == "sqlite:////w/mlflow.db experiment 7 run ab12"
+
+
+def test_driver_leaves_the_jobs_env_vars_to_the_job():
+    """Ray rejects a driver ray.init runtime_env naming a variable the submitted job already sets."""
+    from tvr_platform.cluster import launch
+
+    sub_env = {"runtime_env": {"env_vars": {"TVR_TEST_MARK": "hello", "TVR_RAY_JOB_ID": "tvr-x"}}, "metadata": {}}
+    assert launch.job_env_var_names({"RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps(sub_env)}) == {
+        "TVR_TEST_MARK", "TVR_RAY_JOB_ID"}
+    assert launch.job_env_var_names({}) == set()

@@ -23,14 +23,26 @@ from pathlib import Path
 from tvr_platform.cluster.submit import COMMANDS, JOB_ID_ENV, SPEC_ENV, SPEC_NAME_ENV
 
 
-def ray_submission_id(env: dict[str, str] | os._Environ = os.environ) -> str | None:
-    """The Ray Jobs submission id this driver runs under, from the job config Ray hands the entrypoint
-    (``RAY_JOB_CONFIG_JSON_ENV_VAR``: metadata ``job_submission_id``); None outside a Ray job."""
+def _ray_job_config(env: dict[str, str] | os._Environ = os.environ) -> dict:
+    """The job config Ray hands a Ray Jobs entrypoint (``RAY_JOB_CONFIG_JSON_ENV_VAR``); {} outside one."""
     try:
         config = json.loads(env.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
     except ValueError:
-        return None
-    return (config.get("metadata") or {}).get("job_submission_id") or None
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def ray_submission_id(env: dict[str, str] | os._Environ = os.environ) -> str | None:
+    """The Ray Jobs submission id this driver runs under (job config metadata ``job_submission_id``)."""
+    return (_ray_job_config(env).get("metadata") or {}).get("job_submission_id") or None
+
+
+def job_env_var_names(env: dict[str, str] | os._Environ = os.environ) -> set[str]:
+    """Environment variables the submitted job's runtime_env already sets for every worker.
+
+    A driver's ``ray.init(runtime_env=...)`` is merged with the job's, and Ray refuses the merge when
+    both name the same variable; these must be left out of the driver's runtime_env."""
+    return set((_ray_job_config(env).get("runtime_env") or {}).get("env_vars") or {})
 
 
 def link_job_id(env: dict[str, str] | os._Environ = os.environ) -> str | None:

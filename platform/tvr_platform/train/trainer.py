@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tvr_platform.cluster.launch import job_env_var_names
 from tvr_platform.config import JobCfg, job_to_dict, job_to_yaml
 from tvr_platform.tracking import Tracker, start_run
 from tvr_platform.train.worker import EXPORT_FILE
@@ -40,6 +41,10 @@ def init_ray(job: JobCfg) -> None:
     env = {**WORKER_ENV, **job.cluster.env_vars}
     if os.environ.get("DS_ACCELERATOR"):
         env["DS_ACCELERATOR"] = os.environ["DS_ACCELERATOR"]
+    # In a submitted job (tvr submit / RayJob) the job's runtime_env already carries cluster.env_vars
+    # to every worker, and Ray rejects a ray.init runtime_env naming the same variables.
+    shipped = job_env_var_names()
+    env = {k: v for k, v in env.items() if k not in shipped}
     kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
     if job.cluster.address:
         ray.init(address=job.cluster.address, **kwargs)
