@@ -92,7 +92,7 @@ def main() -> None:
                    help="largest N at which the fine-grained (UCoFIA) exhaustive search is timed")
     p.add_argument("--queries", type=int, default=5)
     p.add_argument("--chunk", type=int, default=4096)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: no OpenMP spinning on a busy box)")
     args = p.parse_args()
     ctx = mp.get_context("spawn")
     print(f"backbone {args.backbone}, T = {args.frames} frames, {args.threads} threads, random features\n")

@@ -106,7 +106,8 @@ def test_default_index_sits_next_to_the_videos():
 def test_index_round_trip_finds_the_captioned_clip(tmp_path, capsys):
     """Train a tiny X-Pool (per-frame features in the index), build the index in two resumed runs,
     search every test caption: the hits equal the model's own scores on directly decoded clips, and
-    the clip whose caption is queried comes back first wherever the model ranks it first."""
+    the clip whose caption is queried comes back first wherever the model ranks it first. The same
+    model then goes through `tvr eval` (one training serves both: training dominates the cost)."""
     import numpy as np
 
     from tiny import tiny_overrides
@@ -115,6 +116,7 @@ def test_index_round_trip_finds_the_captioned_clip(tmp_path, capsys):
     from tvr_platform.config import load_job
     from tvr_platform.data.pipeline import backbone_preprocess, dataset_storage, load_manifest, videos_uri
     from tvr_platform.recipes import ensure_synthetic, train
+    from tvr_platform.report.plots import PLOTS
     from tvr_platform.search import build_index, load_index
     from tvr_platform.search.cli import open_searcher
 
@@ -130,7 +132,7 @@ def test_index_round_trip_finds_the_captioned_clip(tmp_path, capsys):
 
     first = build_index(model, videos, overrides=wd, batch_size=4, max_clips=5)   # interrupted build
     assert first["embedded"] == 5 and first["already_indexed"] == 0
-    assert main(["index", "build", model, "--videos", videos, "--batch-size", "4", *wd]) == 0
+    assert main(["index", "build", model, *wd, "--videos", videos, "--batch-size", "4"]) == 0
     assert "5 already indexed, 19 embedded now" in capsys.readouterr().out
     index = load_index(first["index"])
     assert len(index) == 24 == len(set(index.ids)) and index.meta["model_version"] == "models:/tiny-search/1"
@@ -162,6 +164,24 @@ def test_index_round_trip_finds_the_captioned_clip(tmp_path, capsys):
             found += 1
     assert found >= len(captions) // 3, f"the trained model finds only {found}/{len(captions)} captioned clips"
 
-    assert main(["search", captions[0], "--top-k", "2", *wd]) == 0
+    assert main(["search", captions[0], *wd, "--top-k", "2"]) == 0
     out = capsys.readouterr().out
     assert "24 clips, xpool (exhaustive)" in out and out.count(".mp4") == 2
+
+    # the same registered model through `tvr eval`: JSON report + plots, logged to MLflow
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    assert main(["eval", model, *wd, "--dsl", "--split", "test"]) == 0
+    report_line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("[tvr] report:")][0]
+    report = json.loads(open(report_line.split()[2]).read())
+    assert report["meta"]["dsl"] is True and report["meta"]["split"] == "test"
+    assert set(report["metrics"]) >= {"t2v_R1", "v2t_MnR"} and len(report["similarity_sample"]["matrix"]) == 6
+    assert len(report["modality_gap"]["pca"]["text"]) == len(captions)
+    client = MlflowClient(job.tracking_uri)
+    run = client.search_runs([client.get_experiment_by_name(job.tracking.experiment).experiment_id],
+                             filter_string="tags.`tvr.run_name` LIKE 'eval-%'")[0]
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "report/plots")}
+    assert logged == {f"report/plots/{p}" for p in PLOTS}
+    assert run.data.metrics["t2v_R1"] == pytest.approx(report["metrics"]["t2v_R1"])

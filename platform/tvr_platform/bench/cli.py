@@ -1,6 +1,6 @@
 """``tvr bench methods``: the synthetic method benchmark (see :mod:`tvr_platform.bench.methods`).
 
-    tvr bench methods --seeds 0 1 2 --lock /tmp/tvr-ray.lock --out bench-methods.md [overrides]
+    tvr bench methods [overrides] --seeds 0 1 2 --lock /tmp/tvr-ray.lock --out bench-methods.md
 
 Overrides change the shared budget for every method (e.g. ``train.epochs=10
 data.synth.num_clips=96``); results resume from ``<run.work_dir>/bench-methods/results.jsonl``.

@@ -1,7 +1,10 @@
 """``tvr index build`` and ``tvr search``.
 
-    tvr index build models:/name@alias --videos <storage uri> [--index URI] [overrides]
-    tvr search "a red circle moves left" --top-k 10 [--index URI] [--candidates N] [overrides]
+    tvr index build models:/name@alias [overrides] --videos <storage uri> [--index URI]
+    tvr search "a red circle moves left" [overrides] --top-k 10 [--index URI] [--candidates N]
+
+(``key.sub=value`` overrides go right after the positional arguments, before the ``--`` options:
+argparse cannot take positionals after options in a subcommand.)
 
 ``tvr index build`` records the index it wrote in ``<run.work_dir>/index/latest.json``, so a
 following ``tvr search`` needs no ``--index``.
