@@ -88,6 +88,8 @@ class TrainCfg:
     """Evaluate on the test split every N epochs (and after the last)."""
     max_steps_per_epoch: int = 0
     """Cap on steps per epoch (0 = the whole split), for smoke runs."""
+    peak_tflops: float = 0.0
+    """Per-GPU peak bf16 TFLOP/s for MFU (0 = measure it with a matmul at start-up; GPU only)."""
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):

@@ -60,16 +60,45 @@ def hold_scalars_as_vectors(module: nn.Module) -> set[str]:
     return names
 
 
+@contextlib.contextmanager
+def zero3_init(ds_config: dict) -> Iterator[list[nn.Parameter]]:
+    """``deepspeed.zero.Init``: parameters are partitioned as they are built, so no host holds the
+    whole model. Yields the 0-dim parameters it met, which it holds as shape [1]: DeepSpeed 0.19
+    broadcasts each new parameter as ``p.data.view(torch.uint8)``, impossible for a 0-dim tensor."""
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import Init
+
+    held: list[nn.Parameter] = []
+    original = Init._zero_init_param
+
+    def zero_init_param(self, param):
+        if param.dim() == 0:
+            param.data = param.data.reshape(1)
+            held.append(param)
+        return original(self, param)
+
+    Init._zero_init_param = zero_init_param
+    try:
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+            yield held
+    finally:
+        Init._zero_init_param = original
+
+
 class DeepSpeedStrategy:
-    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler, ds_config: dict):
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler, ds_config: dict,
+                 held_scalars: list[nn.Parameter] = ()):
+        """``held_scalars``: the 0-dim parameters :func:`zero3_init` reshaped (ZeRO-3 only)."""
         import deepspeed
 
         self.ds_config = ds_config
         self.stage = ds_config["zero_optimization"]["stage"]
+        self.collective_forward = self.stage == 3      # ZeRO-3 gathers parameters in every forward
         # DeepSpeed 0.19 broadcasts every replicated parameter as p.data.view(torch.uint8), which a
         # 0-dim tensor (CLIP's logit_scale) cannot do. Hold such parameters as shape [1] inside the
         # engine (broadcasting keeps the maths identical) and give them back their shape on export.
-        self.scalars = set() if self.stage == 3 else hold_scalars_as_vectors(module)
+        self.scalars = ({n for n, p in module.named_parameters() if any(p is h for h in held_scalars)}
+                        if self.stage == 3 else hold_scalars_as_vectors(module))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
             dist_init_required=False)
@@ -97,16 +126,25 @@ class DeepSpeedStrategy:
         return client_state or {}
 
     def export_state_dict(self, checkpoint_dir: Path) -> dict[str, torch.Tensor] | None:
-        """Consolidated weights on rank 0 (None elsewhere); ZeRO-3 shards are merged to fp32."""
+        """Consolidated weights on rank 0 (None elsewhere). A collective: call it on every rank.
+
+        ZeRO-3 shards are gathered in memory by DeepSpeed (``save_16bit_model``: the compute dtype,
+        bf16 on GPU, fp32 on CPU); reading the shards back from disk would need every rank's files
+        in one directory."""
         rank = self.engine.global_rank
         if self.stage == 3:
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-            return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag="ds") if rank == 0 else None
-        if rank != 0:
+            name = "consolidated.pt"
+            self.engine.save_16bit_model(str(checkpoint_dir), name)
+            state = None
+            if rank == 0:
+                state = torch.load(checkpoint_dir / name, map_location="cpu", weights_only=True)
+                (checkpoint_dir / name).unlink()
+        else:
+            state = self.engine.module.state_dict() if rank == 0 else None
+        if state is None:
             return None
         return {k: v.detach().cpu().reshape(()) if k in self.scalars else v.detach().cpu()
-                for k, v in self.engine.module.state_dict().items()}
+                for k, v in state.items()}
 
     @contextlib.contextmanager
     def eval_module(self) -> Iterator[nn.Module]:
@@ -131,6 +169,7 @@ class DDPStrategy:
             module, parallel_strategy_kwargs={"find_unused_parameters": True})
         self.optimizer, self.scheduler, self.train_cfg = optimizer, scheduler, train
         self.autocast_dtype = autocast_dtype
+        self.collective_forward = False
         self._micro = 0
 
     def __call__(self, *args, **kwargs):

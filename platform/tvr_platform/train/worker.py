@@ -26,8 +26,15 @@ from tvr.methods import build_method
 from tvr_platform.config import JobCfg, job_from_dict
 from tvr_platform.distributed import all_gather_with_grad, gather_objects, world
 from tvr_platform.evaluation import concat_features, embed_texts, embed_videos, evaluate, order_by_index
+from tvr_platform.train.perf import measure_peak_flops, mfu, train_flops_per_clip
 from tvr_platform.train.step import RetrievalStep
-from tvr_platform.train.strategy import DDPStrategy, DeepSpeedStrategy, deepspeed_config, lr_lambda
+from tvr_platform.train.strategy import (
+    DDPStrategy,
+    DeepSpeedStrategy,
+    deepspeed_config,
+    lr_lambda,
+    zero3_init,
+)
 
 EXPORT_FILE = "model.pt"
 STATE_FILE = "train_state.json"
@@ -73,10 +80,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     zero3 = job.train.strategy == "deepspeed" and job.train.zero_stage == 3
     ds_cfg = deepspeed_config(job.train, job.data.batch_size, use_bf16)
+    held_scalars: list[torch.nn.Parameter] = []
     if zero3:
-        import deepspeed
-
-        with deepspeed.zero.Init(config_dict_or_path=ds_cfg):
+        with zero3_init(ds_cfg) as held_scalars:
             method = build_model(job, config.get("pretrained_path"))
     else:
         method = build_model(job, config.get("pretrained_path"))
@@ -91,7 +97,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                                       job.train.weight_decay))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(job.train.warmup_steps, total_updates))
     if job.train.strategy == "deepspeed":
-        strategy = DeepSpeedStrategy(module, optimizer, scheduler, ds_cfg)
+        strategy = DeepSpeedStrategy(module, optimizer, scheduler, ds_cfg, held_scalars)
     else:
         strategy = DDPStrategy(module, optimizer, scheduler, job.train,
                                torch.bfloat16 if use_bf16 and device.type == "cuda" else None)
@@ -108,13 +114,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     probe = config.get("probe")  # test hook: the exact next step after a checkpoint, see probe_step
     if probe is not None and checkpoint is not None:
-        ray.train.report({"probe_next_loss": probe_step(strategy, module, device, job), "epoch": start_epoch - 1})
+        report_probe(tracker, probe_step(strategy, module, device, job), global_step)
         return
 
     eval_texts = caption_video = None
-    if rank == 0:
+    # Under ZeRO-3 every forward is a collective (parameters are fetched from all ranks), so every
+    # rank scores; otherwise rank 0 scores alone.
+    scorer = rank == 0 or strategy.collective_forward
+    if scorer:
         eval_texts, caption_video = tokenize_captions(job, load_manifest(job, job.data.test_split))
     n_frames = job.data.num_frames
+    flops_per_clip, peak_flops = train_flops_per_clip(method.backbone.clip, n_frames), 0.0
+    if tracker and device.type == "cuda":
+        peak_flops = job.train.peak_tflops * 1e12 or measure_peak_flops(device)
+        tracker.log_metrics({"perf/peak_tflops": peak_flops / 1e12, "perf/model_tflops_per_clip":
+                             flops_per_clip / 1e12}, step=0)
     fail_at = config.get("fail_at_step")  # test hook: raise once in rank 1 to exercise FailureConfig
 
     # -- epochs -------------------------------------------------------------------------------
@@ -145,12 +159,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "perf/samples_per_s": samples / step_s, "perf/frames_per_s": samples * n_frames / step_s,
                     "perf/data_wait_s": t_start - t_wait, "perf/compute_s": t_end - t_start,
                     "perf/peak_mem_mb": peak_memory_mb(device),
+                    "perf/model_tflops_per_s": samples * flops_per_clip / step_s / 1e12,
                     "train/lr_head": scheduler.get_last_lr()[-1] if hasattr(scheduler, "get_last_lr") else 0.0,
                 })
+                if peak_flops:
+                    metrics["perf/mfu"] = mfu(samples / world_size / step_s, flops_per_clip, peak_flops)
                 tracker.log_metrics(metrics, step=global_step)
             t_wait = time.perf_counter()
 
-        # -- evaluation (every rank embeds its shard; rank 0 scores) --------------------------
+        # -- evaluation (every rank embeds its shard; rank 0 scores, or all ranks under ZeRO-3) ----
         metrics = {"epoch": epoch, "global_step": global_step,
                    "train_loss": float(np.mean(losses)) if losses else float("nan")}
         last = epoch == job.train.epochs - 1
@@ -159,7 +176,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 feats, index = embed_videos(eval_module, ray.train.get_dataset_shard("test").iter_torch_batches(
                     batch_size=job.data.eval_batch_size), device)
                 parts = gather_objects((feats, index))
-                if rank == 0:
+                if scorer:
                     video = order_by_index(concat_features([p[0] for p in parts]),
                                            torch.cat([p[1] for p in parts]), config["num_test_videos"])
                     text = embed_texts(eval_module, eval_texts, job.data.eval_batch_size, device)
@@ -191,8 +208,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if not config.get("local_checkpoint_root"):
             shutil.rmtree(tmp, ignore_errors=True)
         if probe is not None and epoch == probe:
-            ray.train.report({"probe_next_loss": probe_step(strategy, module, device, job), "epoch": epoch})
+            report_probe(tracker, probe_step(strategy, module, device, job), global_step)
             return
+
+
+def report_probe(tracker, loss: float, step: int) -> None:
+    """The probe loss goes to MLflow (rank 0): Ray Train V2 results keep checkpointed reports only."""
+    if tracker:
+        tracker.log_metrics({"probe_next_loss": loss}, step=step)
 
 
 def probe_step(strategy, module: torch.nn.Module, device: torch.device, job: JobCfg) -> float:
