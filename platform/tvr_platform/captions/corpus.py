@@ -44,14 +44,15 @@ CSI_DIR = "csi"
 COLUMNS = ("video_id", "captions", "prompt", "backend", "model", "split", "created_at")
 
 
-def captions_uri(job: JobCfg) -> str:
-    return join_uri(job.dataset_uri, "captions", job.captions.output_name)
+def captions_uri(job: JobCfg, name: str | None = None) -> str:
+    """``<dataset>/captions/<name>`` (default ``captions.output_name``)."""
+    return join_uri(job.dataset_uri, "captions", name or job.captions.output_name)
 
 
-def captions_storage(job: JobCfg):
+def captions_storage(job: JobCfg, name: str | None = None):
     from tvr_platform.storage import storage_for
 
-    return storage_for(job, captions_uri(job))
+    return storage_for(job, captions_uri(job, name))
 
 
 def _schema():
@@ -101,14 +102,40 @@ def _latest(table) -> dict[str, dict[str, Any]]:
     return best
 
 
-def load_generated_captions(job: JobCfg, video_ids: Sequence[str]) -> list[list[str]]:
-    """The generated captions of ``video_ids`` (in order); [] for a video not captioned (yet)."""
-    rows = _latest(read_parts(captions_storage(job)))
+def load_generated_captions(job: JobCfg, video_ids: Sequence[str], name: str | None = None) -> list[list[str]]:
+    """The generated captions of ``video_ids`` (in order) from caption set ``name`` (default
+    ``captions.output_name``); [] for a video not captioned (yet)."""
+    rows = _latest(read_parts(captions_storage(job, name)))
     out = [list(rows[v]["captions"]) if v in rows else [] for v in video_ids]
     missing = sum(1 for c in out if not c)
     if missing:
         log.warning("%d of %d videos have no generated captions under %s (run 'tvr captions generate')",
-                    missing, len(out), captions_uri(job))
+                    missing, len(out), captions_uri(job, name))
+    return out
+
+
+def aux_caption_tokens(job: JobCfg, manifest: Any) -> np.ndarray:
+    """Token ids (N_videos, K, L) int64 of the caption set ``data.aux_captions`` for ``manifest``:
+    the ``aux_texts`` column of the training / evaluation rows (ExCae's K auxiliary captions).
+
+    K = ``captions.captions_per_video`` (extra captions dropped); a video with fewer captions, or
+    none yet, gets all-zero rows (padding: ExCae masks them out). A split with no captions at all
+    is a configuration error, not something to train on silently."""
+    from tvr.backbone import get_tokenizer
+
+    name = job.data.aux_captions
+    caps = load_generated_captions(job, manifest.video_ids, name)
+    if manifest.num_videos and not any(caps):
+        raise ValueError(f"data.aux_captions={name!r}: no generated captions for any video of split "
+                         f"{manifest.split!r} under {captions_uri(job, name)}; run 'tvr captions generate "
+                         f"<spec> captions.output_name={name}' first (or set data.aux_captions='')")
+    tok = get_tokenizer(job.model.backbone.name)
+    K = job.captions.captions_per_video
+    out = np.zeros((manifest.num_videos, K, tok.context_length), np.int64)    # (N, K, L)
+    for i, c in enumerate(caps):
+        if c:
+            ids = tok(c[:K]).numpy().astype(np.int64)                          # (k_i, L)
+            out[i, :len(ids)] = ids
     return out
 
 
@@ -158,6 +185,12 @@ def subset_manifest(manifest: Any, keep: Sequence[int]) -> Any:
         quarantine=[])
 
 
+def without_aux_captions(job: JobCfg) -> JobCfg:
+    """``job`` with ``data.aux_captions=''``: captioning reads frames only (the captions it writes may
+    be the very set that ``data.aux_captions`` names, so they cannot be an input)."""
+    return dataclasses.replace(job, data=dataclasses.replace(job.data, aux_captions=""))
+
+
 def caption_bank(job: JobCfg) -> tuple[list[str], list[str]]:
     """(texts, video ids) of the training split: the retrieval captioner's caption bank."""
     from tvr_platform.data.pipeline import load_manifest
@@ -204,15 +237,17 @@ class RayBudget:
 
 
 def build_captioner(job: JobCfg, *, backbone: Any = None, bank: tuple[Sequence[str], Sequence[str]] | None = None,
-                    budget: Any = None, sleep: Any = time.sleep) -> tuple[Any, str]:
-    """The configured captioner and the model name recorded with its captions."""
+                    budget: Any = None, sleep: Any = time.sleep, api_key: Any = None) -> tuple[Any, str]:
+    """The configured captioner and the model name recorded with its captions.
+
+    ``api_key``: a :class:`~tvr_platform.captions.openai_backend.Secret` (None = read the env)."""
     cfg = job.captions
     if cfg.backend == "openai":
         from tvr_platform.captions.openai_backend import ChatClient, OpenAICaptioner
         from tvr_platform.data.pipeline import backbone_preprocess
 
         _, mean, std = backbone_preprocess(job.model.backbone.name, job.model.backbone.pretrained)
-        client = ChatClient.from_cfg(cfg, budget=budget, sleep=sleep)
+        client = ChatClient.from_cfg(cfg, budget=budget, sleep=sleep, api_key=api_key)
         return OpenAICaptioner(client, mean=mean, std=std, frames_per_request=cfg.frames_per_request,
                                jpeg_quality=cfg.jpeg_quality, max_tokens=cfg.max_caption_tokens), cfg.api_model
     from tvr.backbone import ClipBackbone
@@ -229,13 +264,13 @@ class CaptionWorker:
     """Ray Data actor: a batch of (video_index, frames) -> captions written as one part -> stats row."""
 
     def __init__(self, *, job: dict[str, Any], prompt: str, video_ids: list[str], splits: list[str],
-                 bank: tuple[list[str], list[str]] | None, ledger: Any):
+                 bank: tuple[list[str], list[str]] | None, ledger: Any, api_key: Any = None):
         import torch
 
         torch.set_num_threads(1)
         self.job = job_from_dict(job)
         self.prompt, self.video_ids, self.splits = prompt, video_ids, splits
-        self.captioner, self.model = build_captioner(self.job, bank=bank,
+        self.captioner, self.model = build_captioner(self.job, bank=bank, api_key=api_key,
                                                      budget=RayBudget(ledger) if ledger is not None else None)
         self.store = captions_storage(self.job)
 
@@ -323,6 +358,11 @@ def generate_corpus_captions(job: JobCfg, *, prompt: str | None = None, dataset:
     if not jobs:
         log.info("all videos already have captions under %s", captions_uri(job))
         return report
+    api_key = None
+    if cfg.backend == "openai":
+        from tvr_platform.captions.openai_backend import read_api_key
+
+        api_key = read_api_key(cfg.api_key_env, cfg.api_base_url)     # fail fast, on the driver
     _ensure_ray(job)
     if cfg.backend == "retrieval" and bank is None:
         bank = caption_bank(job)
@@ -337,13 +377,13 @@ def generate_corpus_captions(job: JobCfg, *, prompt: str | None = None, dataset:
             if dataset is None:
                 from tvr_platform.data.pipeline import video_dataset
 
-                src = video_dataset(job, src, decode_batch_size=cfg.batch_size)
+                src = video_dataset(without_aux_captions(job), src, decode_batch_size=cfg.batch_size)
             ds = src.select_columns(["video_index", "frames"]).map_batches(
                 CaptionWorker, batch_size=cfg.batch_size, concurrency=cfg.concurrency, batch_format="numpy",
                 fn_constructor_kwargs={"job": job_to_dict(job), "prompt": prompt, "video_ids": ids,
                                        "splits": split_of,
                                        "bank": (list(bank[0]), list(bank[1])) if bank is not None else None,
-                                       "ledger": ledger})
+                                       "ledger": ledger, "api_key": api_key})
             for row in ds.iter_rows():
                 for k, v in row.items():
                     totals[k] = totals.get(k, 0) + float(v)

@@ -35,7 +35,7 @@ def load_csi_samples(job: JobCfg) -> list[Any]:
     import torch
 
     from tvr.captioning import VideoSample
-    from tvr_platform.captions.corpus import _ensure_ray, subset_manifest
+    from tvr_platform.captions.corpus import _ensure_ray, subset_manifest, without_aux_captions
     from tvr_platform.data.pipeline import load_manifest, video_dataset
 
     m = load_manifest(job, job.data.train_split)
@@ -46,7 +46,7 @@ def load_csi_samples(job: JobCfg) -> list[Any]:
     sub = subset_manifest(m, keep)
     per = sub.captions_per_video()
     _ensure_ray(job)
-    rows = video_dataset(job, sub).take_all()
+    rows = video_dataset(without_aux_captions(job), sub).take_all()
     rows.sort(key=lambda r: int(r["video_index"]))
     return [VideoSample(sub.video_ids[int(r["video_index"])], torch.from_numpy(np.array(r["frames"], np.float32)),
                         [sub.captions[j] for j in per[int(r["video_index"])]]) for r in rows]

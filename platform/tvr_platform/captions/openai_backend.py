@@ -5,7 +5,10 @@ server: OpenAI, vLLM, SGLang, Ollama, LiteLLM, ...).
 Secrets. The key is read from the environment variable named by ``captions.api_key_env`` when a
 client is built, handed to the ``openai`` client and nowhere else: it is not stored in any config,
 MLflow param, artifact or log line, and every message this module composes (errors included) is
-passed through :func:`redact` first, in case a server echoes the key back.
+passed through :func:`redact` first, in case a server echoes the key back. Ray workers of the
+corpus job may not share the driver's environment, so the driver reads the key once and ships it
+to them wrapped in :class:`Secret` (it prints as ``***``; it is never a runtime-env variable,
+which Ray's runtime-env agent would write to its log).
 
 Untrusted output. A reply is only data: it is parsed by :func:`tvr.captioning.text.parse_caption_list`
 / :func:`~tvr.captioning.text.clean_prompt` (control characters stripped, lengths capped, captions
@@ -59,6 +62,32 @@ class LLMError(RuntimeError):
 
 class BudgetExhausted(LLMError):
     """The job's token / cost budget is spent."""
+
+
+class Secret:
+    """A string that never prints (``repr`` / ``str`` give ``Secret(***)``); ``reveal()`` returns it."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str):
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret(***)"
+
+    __str__ = __repr__
+
+
+def read_api_key(api_key_env: str, base_url: str) -> Secret:
+    """The key from environment variable ``api_key_env``; a clear :class:`LLMError` when unset."""
+    key = os.environ.get(api_key_env, "")
+    if not key:
+        raise LLMError(f"no API key: set the environment variable {api_key_env} "
+                       f"(named by captions.api_key_env) for {base_url}")
+    return Secret(key)
 
 
 def redact(text: str, secrets: Sequence[str]) -> str:
@@ -142,11 +171,9 @@ class ChatClient:
     def __init__(self, *, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY",
                  timeout: float = 60.0, max_retries: int = 4, backoff_base: float = 1.0,
                  backoff_max: float = 30.0, temperature: float = 0.7, max_completion_tokens: int = 1024,
-                 budget: Budget | None = None, sleep: Callable[[float], None] = time.sleep):
-        key = os.environ.get(api_key_env, "")
-        if not key:
-            raise LLMError(f"no API key: set the environment variable {api_key_env} "
-                           f"(named by captions.api_key_env) for {base_url}")
+                 budget: Budget | None = None, sleep: Callable[[float], None] = time.sleep,
+                 api_key: Secret | None = None):
+        key = (api_key or read_api_key(api_key_env, base_url)).reveal()
         try:
             import openai
         except ImportError:
@@ -169,11 +196,12 @@ class ChatClient:
 
     @classmethod
     def from_cfg(cls, cfg: Any, *, model: str | None = None, budget: Budget | None = None,
-                 sleep: Callable[[float], None] = time.sleep) -> ChatClient:
+                 sleep: Callable[[float], None] = time.sleep, api_key: Secret | None = None) -> ChatClient:
         return cls(base_url=cfg.api_base_url, model=model or cfg.api_model, api_key_env=cfg.api_key_env,
                    timeout=cfg.request_timeout, max_retries=cfg.max_retries, backoff_base=cfg.backoff_base,
                    backoff_max=cfg.backoff_max, temperature=cfg.temperature,
-                   max_completion_tokens=cfg.max_completion_tokens, budget=budget, sleep=sleep)
+                   max_completion_tokens=cfg.max_completion_tokens, budget=budget, sleep=sleep,
+                   api_key=api_key)
 
     def _delay(self, attempt: int, retry_after: str | None = None) -> float:
         delay = min(self.backoff_max, self.backoff_base * 2 ** attempt) * (0.5 + random.random() / 2)

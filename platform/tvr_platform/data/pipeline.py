@@ -17,6 +17,8 @@ Rows (no string columns, so ``iter_torch_batches`` works directly):
   with the backbone tokenizer, rows of zeros after the ``num_texts`` real ones; ``num_texts``
   int64; ``video_index`` int64 (index into ``manifest.video_ids``).
 - ``video_dataset``: ``frames``, ``video_index``.
+- both, when ``data.aux_captions`` names a generated caption set (``tvr captions generate``):
+  ``aux_texts`` int64 (K, L), the clip's generated captions tokenised, zero rows as padding.
 
 Sampling: T frames, random offset inside each of T equal segments for training, segment middles
 for evaluation (:mod:`tvr.data.frames`). Training offsets and the row order are deterministic
@@ -28,6 +30,9 @@ Decoding runs in ``map_batches`` with a callable class (one pyarrow filesystem p
 ``data.decode_concurrency`` actors of ``data.decode_num_cpus`` CPUs) that reads the bytes from
 the videos URI (local, or S3 through ``pyarrow.fs.S3FileSystem`` with the job's endpoint) with
 retries on transient errors, and decodes with PyAV (keyframe-aware sampling).
+
+Frame cache (``data.frames=cache|auto``, :mod:`.cache`): the same rows, read from the sharded
+Parquet that ``tvr data prepare`` wrote (evaluation sampling, decoded once).
 
 Bad input never kills a job. Rules (each case is counted and written to the quarantine report,
 one JSON object per line: ``{"uri", "reason", "split", "action"}``):
@@ -178,6 +183,12 @@ def _items(job: JobCfg, manifest: Manifest, *, texts: bool, epoch_seed: int) -> 
             t = np.zeros((k_max, tok.shape[1]), np.int64)                           # (K_max, L)
             t[:len(per[i])] = tok[per[i]]
             row["texts"], row["num_texts"] = t, np.int64(len(per[i]))
+    if job.data.aux_captions:
+        from tvr_platform.captions.corpus import aux_caption_tokens
+
+        aux = aux_caption_tokens(job, manifest)                                    # (N, K, L)
+        for i, row in enumerate(rows):
+            row["aux_texts"] = aux[i]
     return rows
 
 
@@ -218,6 +229,10 @@ def _build(job: JobCfg, manifest: Manifest, *, train: bool, epoch_seed: int, dec
     from ray.data._internal.random_config import RandomSeedConfig
 
     rows = _items(job, manifest, texts=train, epoch_seed=epoch_seed)
+    from tvr_platform.data.cache import cached_dataset, use_cache
+
+    if use_cache(job, manifest.split):                       # data.frames: decoded once, read from Parquet
+        return cached_dataset(job, manifest, train=train, rows=rows)
     # Small blocks (a few rows each) so that a random block order is a good shuffle. No
     # all-to-all random_shuffle: its tasks starve behind the decode actors on small machines.
     n_blocks = max(1, min(len(rows), 1024))
