@@ -217,7 +217,7 @@ def test_campaign_end_to_end_with_asha_mlflow_registry_and_reload(tmp_path):
         assert float(params["train.lr"]) == pytest.approx(row["values"]["train.lr"])
         assert params["train.epochs"] == "2" and params["data.num_frames"] == "2"
         epochs = len(client.get_metric_history(child.info.run_id, "val/t2v_R1"))
-        assert epochs == row["epochs"] >= 1  # per-epoch metrics; ASHA may stop after the grace period
+        assert epochs >= row["epochs"] >= 1  # per-epoch metrics; ASHA may stop after the grace period
         if row["status"] == "FINISHED":
             assert epochs == 2 and child.info.status == "FINISHED"
             names = {a.path for d in ("config", "report", "plots")
@@ -264,8 +264,8 @@ def test_interrupted_campaign_resumes_without_rerunning_finished_trials(tmp_path
     from tvr_platform.tune.campaign import ROLE_TAG, TRIAL_ID_TAG
 
     overrides = tiny_overrides(tmp_path, **{"tracking.experiment": "tune-resume"}) + [
-        *CAMPAIGN[:-1], "tune.num_samples=3", "tune.scheduler=fifo", "tune.promote=false",
-        "tune.search_space={train.lr: {grid: [3.0e-4, 1.0e-3, 3.0e-3]}}", "tune.num_samples=1"]
+        *CAMPAIGN[:-1], "tune.num_samples=1", "tune.scheduler=fifo", "tune.promote=false",
+        "tune.search_space={train.lr: {grid: [3.0e-4, 1.0e-3, 3.0e-3]}}"]
     job = load_job(JOBS / "tune.yaml", overrides)
     ensure_synthetic(job)
     client = MlflowClient(job.tracking_uri)
@@ -285,7 +285,7 @@ def test_interrupted_campaign_resumes_without_rerunning_finished_trials(tmp_path
     out, _ = proc.communicate(timeout=180)
     finished = {r.data.tags[TRIAL_ID_TAG]: r for r in trial_runs() if r.info.status == "FINISHED"}
     assert finished and len(finished) < 3, out
-    assert proc.returncode != 0, out
+    assert proc.returncode == 130 and "--resume" in out, out[-3000:]
 
     resumed = tvr("tune", str(JOBS / "tune.yaml"), *overrides, "--resume")
     out, _ = resumed.communicate(timeout=600)

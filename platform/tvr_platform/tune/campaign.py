@@ -59,6 +59,23 @@ def check_campaign(job: JobCfg) -> SearchSpace:
     return space
 
 
+def check_trial_capacity(job: JobCfg) -> None:
+    """Concurrent trials must fit: each holds its driver (``tune.trial_cpus``) and its workers'
+    placement group; otherwise waiting trainers time out and retry for ever."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0.0)
+    # Decode actors of concurrent trials hold CPUs too: with no room for them, trials deadlock
+    # (each waits for the CPUs the others' decode actors hold).
+    decode = job.data.decode_concurrency * job.data.decode_num_cpus if job.tune.max_concurrent_trials > 1 else 0
+    per_trial = job.tune.trial_cpus + max(job.train.num_workers, 1) * job.train.cpus_per_worker + decode
+    if job.tune.max_concurrent_trials * per_trial > total + 1e-9:
+        raise ConfigError(
+            f"tune.max_concurrent_trials={job.tune.max_concurrent_trials} trials x ({job.tune.trial_cpus:g} driver"
+            f" + {max(job.train.num_workers, 1)} x {job.train.cpus_per_worker:g} worker CPUs + decode actors) "
+            f"exceed the cluster's {total:g} CPUs; lower tune.max_concurrent_trials or train.cpus_per_worker")
+
+
 def trial_job(base: JobCfg, space: SearchSpace, config: dict[str, Any], trial_id: str) -> JobCfg:
     """The job a trial trains: the campaign's job + its sampled values, named after the trial
     (a deterministic name, so a retried trial resumes its Ray Train run)."""
@@ -158,14 +175,17 @@ def _search_alg(job: JobCfg, space: SearchSpace):
 
         return OptunaSearch(space=space.define_by_run, sampler=optuna.samplers.TPESampler(seed=job.tune.seed),
                             seed=job.tune.seed)
-    return BasicVariantGenerator(random_state=job.tune.seed)
+    # Tune ignores TuneConfig.max_concurrent_trials for a BasicVariantGenerator passed in: set it here.
+    return BasicVariantGenerator(random_state=job.tune.seed, max_concurrent=job.tune.max_concurrent_trials)
 
 
 def _scheduler(job: JobCfg):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
 
     if job.tune.scheduler == "asha":
-        return ASHAScheduler(time_attr="training_iteration", max_t=job.train.epochs,
+        from tvr_platform.tune.asha import FinishLastEpochASHA
+
+        return FinishLastEpochASHA(time_attr="training_iteration", max_t=job.train.epochs,
                              grace_period=job.tune.grace_period, reduction_factor=job.tune.reduction_factor)
     return FIFOScheduler()
 
@@ -196,6 +216,7 @@ def run_campaign(job: JobCfg, *, resume: bool = False, retry_errored: bool = Fal
     storage_path, storage_fs = tune_storage(job)
     exp_path = f"{storage_path}/{name}"
     init_ray(job)
+    check_trial_capacity(job)
     can_restore = tune.Tuner.can_restore(exp_path, storage_filesystem=storage_fs)
     if resume and not can_restore:
         raise ConfigError(f"--resume: no campaign {name!r} at {exp_path} to resume (tune.name / run.name)")
@@ -236,7 +257,7 @@ def run_campaign(job: JobCfg, *, resume: bool = False, retry_errored: bool = Fal
     from tvr_platform.tune.summary import summarize
 
     rows, best = summarize(grid, job, space, parent)
-    interrupted = any(r["status"] in ("PENDING", "RUNNING", "PAUSED") for r in rows)
+    interrupted = grid.num_terminated + grid.num_errors < len(grid)  # Ctrl-C: Tune saved and returned
     result = CampaignResult(name=name, experiment_path=exp_path, parent_run_id=parent.run_id, rows=rows,
                             best=best, interrupted=interrupted)
     if interrupted:

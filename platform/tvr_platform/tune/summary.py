@@ -4,6 +4,8 @@ scatter plot, and the best trial's job spec ready for ``tvr train``."""
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 from typing import Any
 
 from tvr_platform.config import JobCfg, job_to_yaml
@@ -32,7 +34,8 @@ def trial_rows(grid, job: JobCfg, space) -> list[dict[str, Any]]:
     rows = []
     for result in grid:
         m = result.metrics or {}
-        trial_id = m.get("trial_id") or result.path.rstrip("/").rsplit("_", 2)[-2]
+        found = re.search(r"_([0-9a-f]{5}_\d{5})_", Path(result.path).name)
+        trial_id = m.get("trial_id") or (found.group(1) if found else Path(result.path).name)
         iters = int(m.get("training_iteration", 0))
         run = runs.get(trial_id)
         if result.error is not None:
