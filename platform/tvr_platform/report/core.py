@@ -62,13 +62,23 @@ def _global(feats: Features, keys: tuple[str, ...], what: str) -> Tensor:
     raise KeyError(f"no global {what} embedding among features {sorted(feats)} (looked for {list(keys)})")
 
 
+def global_text_embedding(text: Features) -> Tensor:
+    """(N, D) L2-normalised global text embedding from any method's text features."""
+    return torch.nn.functional.normalize(_global(text, TEXT_KEYS, "text"), dim=-1)
+
+
+def global_video_embedding(video: Features) -> Tensor:
+    """(N, D) L2-normalised global video embedding (per-frame features mean-pooled)."""
+    return torch.nn.functional.normalize(_global(video, VIDEO_KEYS, "video"), dim=-1)
+
+
 def global_embeddings(text: Features, video: Features) -> tuple[Tensor, Tensor]:
     """One (N, D) embedding per text and per video from any method's features (per-frame features
     mean-pooled), L2-normalised: what the modality-gap picture projects."""
-    t, v = _global(text, TEXT_KEYS, "text"), _global(video, VIDEO_KEYS, "video")
+    t, v = global_text_embedding(text), global_video_embedding(video)
     if t.shape[1] != v.shape[1]:
         raise ValueError(f"text ({t.shape[1]}) and video ({v.shape[1]}) embeddings differ in width")
-    return torch.nn.functional.normalize(t, dim=-1), torch.nn.functional.normalize(v, dim=-1)
+    return t, v
 
 
 def pca_2d(x: Tensor) -> tuple[Tensor, Tensor]:
