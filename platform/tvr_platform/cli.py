@@ -2,6 +2,7 @@
 
     tvr quickstart [overrides]            synthetic data -> train -> eval -> register, locally
     tvr data synth <spec> [overrides]     write the synthetic MSR-VTT-format clip set
+    tvr data prepare [spec] [overrides]   decode once: sampled frames as sharded Parquet (frame cache)
     tvr train <spec> [overrides]          train with Ray Train (+ DeepSpeed), log to MLflow
     tvr eval <spec | models:/name@alias> [--dsl] [--sinkhorn N] [--split S] [overrides]
 """
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 
 from tvr_platform.config import ConfigError, load_job
+from tvr_platform.data.cli import add_prepare
 
 REPO_JOBS = Path(__file__).resolve().parents[2] / "jobs"
 
@@ -109,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
     _spec_command(data, "synth", cmd_synth, "write the synthetic clip set", spec_optional=True)
+    add_prepare(data)                                                   # tvr data prepare (frame cache)
     for module in COMMAND_GROUPS:
         importlib.import_module(module).add_subcommands(sub)
     return parser

@@ -55,6 +55,19 @@ class DataCfg:
     """Clips / captions per embedding batch at evaluation."""
     eval_captions: Literal["first", "all"] = "all"
     """Evaluation protocol: one caption per clip, or all captions (v2t with several positives)."""
+    frames: Literal["decode", "cache", "auto"] = "decode"
+    """Where clip frames come from: decode the videos; the frame cache written by ``tvr data prepare``
+    (an error when it is missing); or auto (the cache when one matches num_frames and the backbone's
+    input size, else decode). The cache holds the evaluation sampling (no random training offsets)."""
+    cache_uri: str = ""
+    """Frame cache location; '' = <root>/frame_cache."""
+    cache_format: Literal["uint8", "jpeg"] = "uint8"
+    """How ``tvr data prepare`` stores frames: exact uint8 pixels, or JPEG (smaller, lossy). Reading
+    detects the form."""
+    cache_jpeg_quality: int = 95
+    """JPEG quality of cache_format=jpeg."""
+    cache_rows_per_file: int = 64
+    """Clips per Parquet shard of the frame cache."""
     decode_concurrency: int = 2
     """Parallel decode actors in Ray Data."""
     decode_num_cpus: float = 1.0
@@ -71,6 +84,8 @@ class DataCfg:
             raise ValueError("data.num_frames must be >= 1")
         if self.batch_size < 1 or self.eval_batch_size < 1:
             raise ValueError("data.batch_size and data.eval_batch_size must be >= 1")
+        if not 1 <= self.cache_jpeg_quality <= 100 or self.cache_rows_per_file < 1:
+            raise ValueError("data.cache_jpeg_quality must be in [1, 100] and data.cache_rows_per_file >= 1")
         if self.decode_concurrency < 1 or self.decode_num_cpus < 0:
             raise ValueError("data.decode_concurrency must be >= 1 and data.decode_num_cpus >= 0")
         if self.aux_captions and not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", self.aux_captions):

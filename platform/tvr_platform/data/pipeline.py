@@ -31,6 +31,9 @@ Decoding runs in ``map_batches`` with a callable class (one pyarrow filesystem p
 the videos URI (local, or S3 through ``pyarrow.fs.S3FileSystem`` with the job's endpoint) with
 retries on transient errors, and decodes with PyAV (keyframe-aware sampling).
 
+Frame cache (``data.frames=cache|auto``, :mod:`.cache`): the same rows, read from the sharded
+Parquet that ``tvr data prepare`` wrote (evaluation sampling, decoded once).
+
 Bad input never kills a job. Rules (each case is counted and written to the quarantine report,
 one JSON object per line: ``{"uri", "reason", "split", "action"}``):
 
@@ -226,6 +229,10 @@ def _build(job: JobCfg, manifest: Manifest, *, train: bool, epoch_seed: int, dec
     from ray.data._internal.random_config import RandomSeedConfig
 
     rows = _items(job, manifest, texts=train, epoch_seed=epoch_seed)
+    from tvr_platform.data.cache import cached_dataset, use_cache
+
+    if use_cache(job, manifest.split):                       # data.frames: decoded once, read from Parquet
+        return cached_dataset(job, manifest, train=train, rows=rows)
     # Small blocks (a few rows each) so that a random block order is a good shuffle. No
     # all-to-all random_shuffle: its tasks starve behind the decode actors on small machines.
     n_blocks = max(1, min(len(rows), 1024))
