@@ -173,6 +173,17 @@ CAMPAIGN = [
 ]
 
 
+def campaign_spec(tmp_path: Path) -> Path:
+    """jobs/tune.yaml without its search space (overrides merge into a space, they do not replace it)."""
+    import yaml
+
+    spec = yaml.safe_load((JOBS / "tune.yaml").read_text())
+    del spec["tune"]["search_space"]
+    path = tmp_path / "tune.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
 def tvr(*args: str, **popen) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "tvr_platform.cli", *args], cwd=REPO, env=env, text=True,
@@ -188,7 +199,8 @@ def test_campaign_end_to_end_with_asha_mlflow_registry_and_reload(tmp_path):
     from tvr_platform.tune.campaign import CAMPAIGN_TAG, ROLE_TAG, TRIAL_ID_TAG, run_campaign
 
     overrides = tiny_overrides(tmp_path, **{"tracking.experiment": "tune-e2e"}) + CAMPAIGN
-    job = load_job(JOBS / "tune.yaml", overrides)
+    spec = campaign_spec(tmp_path)
+    job = load_job(spec, overrides)
     ensure_synthetic(job)
     result = run_campaign(job)
 
@@ -247,7 +259,7 @@ def test_campaign_end_to_end_with_asha_mlflow_registry_and_reload(tmp_path):
     # promoting again: challenger moves, champion stays unless strictly better on the same eval set
     from tvr_platform.cli import main
 
-    assert main(["registry", "promote", str(JOBS / "tune.yaml"), *overrides]) == 0
+    assert main(["registry", "promote", str(spec), *overrides]) == 0
     again = client.get_model_version_by_alias("tiny-tune", "challenger")
     assert int(again.version) == int(version.version) + 1
     assert client.get_model_version_by_alias("tiny-tune", "champion").version == version.version
@@ -266,7 +278,8 @@ def test_interrupted_campaign_resumes_without_rerunning_finished_trials(tmp_path
     overrides = tiny_overrides(tmp_path, **{"tracking.experiment": "tune-resume"}) + [
         *CAMPAIGN[:-1], "tune.num_samples=1", "tune.scheduler=fifo", "tune.promote=false",
         "tune.search_space={train.lr: {grid: [3.0e-4, 1.0e-3, 3.0e-3]}}"]
-    job = load_job(JOBS / "tune.yaml", overrides)
+    spec = campaign_spec(tmp_path)
+    job = load_job(spec, overrides)
     ensure_synthetic(job)
     client = MlflowClient(job.tracking_uri)
 
@@ -276,7 +289,7 @@ def test_interrupted_campaign_resumes_without_rerunning_finished_trials(tmp_path
             return []
         return client.search_runs([exp.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'trial'")
 
-    proc = tvr("tune", str(JOBS / "tune.yaml"), *overrides)
+    proc = tvr("tune", str(spec), *overrides)
     deadline = time.time() + 400
     while time.time() < deadline and not any(r.info.status == "FINISHED" for r in trial_runs()):
         assert proc.poll() is None, proc.stdout.read()
@@ -287,7 +300,7 @@ def test_interrupted_campaign_resumes_without_rerunning_finished_trials(tmp_path
     assert finished and len(finished) < 3, out
     assert proc.returncode == 130 and "--resume" in out, out[-3000:]
 
-    resumed = tvr("tune", str(JOBS / "tune.yaml"), *overrides, "--resume")
+    resumed = tvr("tune", str(spec), *overrides, "--resume")
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out[-3000:]
     runs = trial_runs()

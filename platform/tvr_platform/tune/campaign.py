@@ -14,6 +14,7 @@ next to it. A trial that reserves a full CPU leaves a 2-CPU machine with too lit
 from __future__ import annotations
 
 import json
+import math
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,7 +102,9 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], space: SearchSpac
     tracker.set_tags({CAMPAIGN_TAG: campaign_name(base_job), ROLE_TAG: "trial", TRIAL_ID_TAG: trial_id,
                       "tvr.tune.values": json.dumps(values, default=str)})
     tracker.log_text(job_to_yaml(job), "config/job.yaml")
-    result = run_training(job, callbacks=[TuneReportCallback()], tracker=tracker)
+    from tvr_platform.tune.cleanup import RecordPlacementGroup
+
+    result = run_training(job, callbacks=[TuneReportCallback(), RecordPlacementGroup(tracker)], tracker=tracker)
     metrics = {k: float(v) for k, v in result.metrics.items() if k in VALIDATION_METRICS}
     tracker.log_metrics({f"final/{k}": v for k, v in metrics.items()})
     tracker.log_dict({"trial_id": trial_id, "run": job.run.name, "method": job.model.method,
@@ -137,8 +140,9 @@ def _log_learning_curve(tracker, metric: str) -> None:
 # -- the campaign (driver) -------------------------------------------------------------------------
 
 def _child_run_closer(tracking_uri: str, experiment: str, campaign: str):
-    """A Tune callback marking child runs that Tune ended (ASHA stop, error) as such in MLflow:
-    a stopped trial's process is killed before it can close its own run."""
+    """A Tune callback for trials Tune ended (ASHA stop, error): mark their child runs in MLflow
+    (a stopped trial's process is killed before it can close its own run) and free the worker
+    placement group the killed trainer leaves behind (see ``tune/cleanup.py``)."""
     from ray.tune import Callback
 
     class ChildRunCloser(Callback):
@@ -151,7 +155,11 @@ def _child_run_closer(tracking_uri: str, experiment: str, campaign: str):
                 return
             runs = client.search_runs([exp.experiment_id], filter_string=(
                 f"tags.`{TRIAL_ID_TAG}` = '{trial.trial_id}' and tags.`{CAMPAIGN_TAG}` = '{campaign}'"))
+            from tvr_platform.tune.cleanup import PLACEMENT_GROUP_TAG, remove_placement_group
+
             for run in runs:
+                if run.data.tags.get(PLACEMENT_GROUP_TAG):
+                    remove_placement_group(run.data.tags[PLACEMENT_GROUP_TAG])
                 if run.info.status == "RUNNING":
                     for k, v in tags.items():
                         client.set_tag(run.info.run_id, k, v)
@@ -257,7 +265,9 @@ def run_campaign(job: JobCfg, *, resume: bool = False, retry_errored: bool = Fal
     from tvr_platform.tune.summary import summarize
 
     rows, best = summarize(grid, job, space, parent)
-    interrupted = grid.num_terminated + grid.num_errors < len(grid)  # Ctrl-C: Tune saved and returned
+    # Ctrl-C: Tune saves the experiment and returns; unfinished or never-created trials remain.
+    expected = job.tune.num_samples * math.prod(len(p.args) for p in space.params if p.kind == "grid")
+    interrupted = len(rows) < expected or any(r["status"] == "UNFINISHED" for r in rows)
     result = CampaignResult(name=name, experiment_path=exp_path, parent_run_id=parent.run_id, rows=rows,
                             best=best, interrupted=interrupted)
     if interrupted:
