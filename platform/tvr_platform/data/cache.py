@@ -24,6 +24,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import uuid
 from typing import Any
 
 import numpy as np
@@ -107,7 +108,7 @@ def prepare_cache(job: JobCfg, splits: list[str] | None = None) -> dict[str, dic
     evaluation sampling, and write the frame cache. Returns each split's ``_meta.json`` content."""
     import ray.data
 
-    from tvr_platform.data.decode import DecodeClips
+    from tvr_platform.data.decode import DecodeClips, run_udf
     from tvr_platform.data.pipeline import _decode_kwargs, decode_num_cpus, load_manifest
 
     out = {}
@@ -123,12 +124,9 @@ def prepare_cache(job: JobCfg, splits: list[str] | None = None) -> dict[str, dic
         fs, root = st.pyarrow_filesystem()
         rows_per_file = max(1, job.data.cache_rows_per_file)
         ds = (ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 1024)))
-              .map_batches(DecodeClips, fn_constructor_kwargs=kwargs, batch_size=8,
-                           compute=ray.data.ActorPoolStrategy(size=job.data.decode_concurrency),
-                           num_cpus=decode_num_cpus(job))
-              .map_batches(EncodeForCache, fn_constructor_kwargs={"fmt": job.data.cache_format,
-                                                                  "quality": job.data.cache_jpeg_quality},
-                           batch_size=8, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0))
+              .map_batches(run_udf, fn_kwargs={"udf_class": DecodeClips, "udf_key": uuid.uuid4().hex, **kwargs},
+                           batch_size=8, concurrency=job.data.decode_concurrency, num_cpus=decode_num_cpus(job))
+              .map_batches(EncodeForCache(job.data.cache_format, job.data.cache_jpeg_quality), batch_size=8))
         ds.write_parquet(root, filesystem=fs, min_rows_per_file=rows_per_file, max_rows_per_file=rows_per_file)
         valid = sum(int(b["valid"].sum()) for b in ray.data.read_parquet(root, filesystem=fs, columns=["valid"])
                     .iter_batches(batch_size=None, batch_format="numpy"))
@@ -189,6 +187,7 @@ def cached_dataset(job: JobCfg, manifest: Any, *, train: bool, rows: list[dict[s
     """
     import ray.data
 
+    from tvr_platform.data.decode import map_udf
     from tvr_platform.data.pipeline import backbone_preprocess, decode_num_cpus, quarantine_uri
 
     st = storage_for(job, cache_uri(job, manifest.split))
@@ -217,11 +216,9 @@ def cached_dataset(job: JobCfg, manifest: Any, *, train: bool, rows: list[dict[s
 
         ds = ds.randomize_block_order(seed=RandomSeedConfig(seed=job.run.seed % (2 ** 31),
                                                             reseed_after_execution=True))
-    ds = ds.map_batches(FramesFromCache, batch_size=8,
-                        fn_constructor_kwargs={"extras": extras, "mean": mean, "std": std, "train": train,
-                                               "num_frames": job.data.num_frames, "size": size},
-                        compute=ray.data.ActorPoolStrategy(size=job.data.decode_concurrency),
-                        num_cpus=decode_num_cpus(job))
+    ds = map_udf(ds, FramesFromCache, {"extras": extras, "mean": mean, "std": std, "train": train,
+                                       "num_frames": job.data.num_frames, "size": size},
+                 batch_size=8, concurrency=job.data.decode_concurrency, num_cpus=decode_num_cpus(job))
     if not train and missing:
         zeros = np.zeros((job.data.num_frames, 3, size, size), np.float32)
         fill = [{**extras[v], "frames": zeros} for v in missing]

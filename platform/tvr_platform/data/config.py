@@ -69,9 +69,9 @@ class DataCfg:
     cache_rows_per_file: int = 64
     """Clips per Parquet shard of the frame cache."""
     decode_concurrency: int = 2
-    """Parallel decode actors in Ray Data."""
+    """Parallel decode tasks in Ray Data."""
     decode_num_cpus: float = 1.0
-    """CPUs reserved per decode actor (lower it, e.g. 0.5, when training workers take every CPU)."""
+    """CPUs reserved per decode task (lower it, e.g. 0.5, when training workers take every CPU)."""
     aux_captions: str = ""
     """Generated caption set attached to every clip as ``aux_texts`` (ExCae's K auxiliary captions):
     the folder name under <root>/captions/ written by ``tvr captions generate`` (its

@@ -26,8 +26,9 @@ functions of ``(run.seed, epoch_seed, pass, video_index)``, where *pass* is Ray 
 index of the dataset (``DataContext._execution_idx``, incremented on every iteration), so every
 epoch that iterates the same dataset sees fresh offsets and a fresh order, reproducibly.
 
-Decoding runs in ``map_batches`` with a callable class (one pyarrow filesystem per actor;
-``data.decode_concurrency`` actors of ``data.decode_num_cpus`` CPUs) that reads the bytes from
+Decoding runs in ``map_batches`` as plain tasks (``data.decode_concurrency`` at a time, of
+``data.decode_num_cpus`` CPUs; one decoder with its pyarrow filesystem per worker process, kept
+warm across epochs, see :func:`.decode.run_udf`) that read the bytes from
 the videos URI (local, or S3 through ``pyarrow.fs.S3FileSystem`` with the job's endpoint) with
 retries on transient errors, and decodes with PyAV (keyframe-aware sampling).
 
@@ -65,7 +66,7 @@ import torch
 
 from tvr.data.annotations import Manifest, read_manifest
 from tvr_platform.config import JobCfg, join_uri
-from tvr_platform.data.decode import DecodeClips
+from tvr_platform.data.decode import DecodeClips, map_udf
 from tvr_platform.storage import Storage, storage_for
 
 log = logging.getLogger(__name__)
@@ -240,10 +241,8 @@ def _build(job: JobCfg, manifest: Manifest, *, train: bool, epoch_seed: int, dec
     if train:
         seed = (job.run.seed * 1_000_003 + epoch_seed) % (2 ** 31)
         ds = ds.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
-    return ds.map_batches(DecodeClips, fn_constructor_kwargs=_decode_kwargs(job, manifest.split, train),
-                          batch_size=decode_batch_size,
-                          compute=ray.data.ActorPoolStrategy(size=job.data.decode_concurrency),
-                          num_cpus=decode_num_cpus(job))
+    return map_udf(ds, DecodeClips, _decode_kwargs(job, manifest.split, train), batch_size=decode_batch_size,
+                   concurrency=job.data.decode_concurrency, num_cpus=decode_num_cpus(job))
 
 
 def train_dataset(job: JobCfg, manifest: Manifest, *, epoch_seed: int = 0, decode_batch_size: int = 8) -> Any:
