@@ -119,6 +119,21 @@ def test_frames_follow_data_num_frames_for_the_chosen_method():
     assert job.model.tmass.num_frames == 4 and job.data.num_frames == 4
 
 
+def test_trial_job_is_the_campaign_job_plus_active_values_under_a_deterministic_name():
+    from tvr_platform.tune.campaign import trial_job
+    from tvr_platform.tune.space import build_space
+
+    base = space_job(CONDITIONAL, "run.name=camp")
+    space = build_space(base)
+    config = {"model.method": "ucofia", "train.lr": 2e-4, "model.tmass.radius": None,
+              "model.ucofia.sinkhorn_iters": 0, "model.excae.top_k": None, "model.vop.prompt_length": None}
+    job = trial_job(base, space, config, "ab123_00007")
+    assert job.run.name == "camp-ab123_00007"
+    assert (job.model.method, job.train.lr, job.model.ucofia.sinkhorn_iters) == ("ucofia", 2e-4, 0)
+    assert job.model.tmass.radius == base.model.tmass.radius  # inactive knob untouched
+    assert base.run.name == "camp" and base.model.method == "meanp"  # the campaign job is not mutated
+
+
 @pytest.mark.parametrize("space, extra, needle", [
     ({"train.lrx": "{uniform: [1, 2]}"}, {}, "train.lrx: unknown config key"),
     ({"train.lr": "{uniform: [2.0, 1.0]}"}, {}, "train.lr.uniform: invalid range"),
@@ -243,7 +258,7 @@ def test_campaign_end_to_end_with_asha_mlflow_registry_and_reload(tmp_path):
     assert parent.data.tags["tvr.tune.best_run_id"] == best["run_id"]
     promoted = result.promoted
     version = client.get_model_version_by_alias("tiny-tune", "challenger")
-    assert version.version == promoted["version"] and promoted["promoted"]
+    assert str(version.version) == str(promoted["version"]) and promoted["promoted"]
     assert client.get_model_version_by_alias("tiny-tune", "champion").version == version.version
     tags = version.tags
     assert tags["method"] == best["values"]["model.method"] and tags["backbone"] == "tvr-tiny"

@@ -250,7 +250,8 @@ def run_campaign(job: JobCfg, *, resume: bool = False, retry_errored: bool = Fal
             tune_config=tune.TuneConfig(
                 metric=job.tune.metric, mode=job.tune.mode, num_samples=job.tune.num_samples,
                 search_alg=_search_alg(job, space), scheduler=_scheduler(job),
-                max_concurrent_trials=job.tune.max_concurrent_trials),
+                # random/grid: the BasicVariantGenerator carries the limit (Tune ignores it there)
+                max_concurrent_trials=job.tune.max_concurrent_trials if job.tune.search_alg == "optuna" else None),
             run_config=tune.RunConfig(
                 name=name, storage_path=storage_path, storage_filesystem=storage_fs,
                 failure_config=tune.FailureConfig(max_failures=job.tune.max_failures),

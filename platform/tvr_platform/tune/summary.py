@@ -83,7 +83,6 @@ def knobs_figure(rows: list[dict[str, Any]], space, metric: str):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     params = [p for p in space.params]
     scored = [r for r in rows if isinstance(r[metric], int | float)]
@@ -102,6 +101,7 @@ def knobs_figure(rows: list[dict[str, Any]], space, metric: str):
             cats = [str(v) for v in p.args]
             xs = [cats.index(str(x)) for x, _, _ in pts]
             ax.set_xticks(range(len(cats)), cats, rotation=30)
+            ax.set_xlim(-0.5, len(cats) - 0.5)
         ax.scatter(xs, [y for _, y, _ in pts], c=[colors[s] for _, _, s in pts])
         ax.set_title(p.key, fontsize=9)
         ax.set_ylabel(metric)
@@ -109,7 +109,6 @@ def knobs_figure(rows: list[dict[str, Any]], space, metric: str):
         ax.axis("off")
     fig.suptitle(f"knobs vs {metric} (blue finished, orange stopped early)")
     fig.tight_layout()
-    del np
     return fig
 
 
