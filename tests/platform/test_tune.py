@@ -253,6 +253,17 @@ def test_campaign_end_to_end_with_asha_mlflow_registry_and_reload(tmp_path):
         else:
             assert child.info.status == "KILLED"
 
+    # the worker placement group of the ASHA-stopped trial is freed (Train's own cleaner needs the
+    # dashboard's State API; a leaked group starves every later trial's workers)
+    from ray.util.placement_group import placement_group_table
+
+    assert any(r["status"] == "STOPPED_EARLY" for r in result.rows)
+    deadline = time.time() + 20
+    while (live := [g for g in placement_group_table().values() if g["state"] != "REMOVED"]) and \
+            time.time() < deadline:
+        time.sleep(1)
+    assert not live, live
+
     best = result.best
     assert best is not None and best["status"] == "FINISHED"
     assert parent.data.tags["tvr.tune.best_run_id"] == best["run_id"]
