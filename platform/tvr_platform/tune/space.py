@@ -235,7 +235,7 @@ def _check_key(schema, key: str) -> None:
     value = OmegaConf.select(schema, key, default=missing)
     if value is missing:
         raise ConfigError(f"{where}: unknown config key {key!r}; name a key of the job config "
-                          "(see `tvr train --help` / platform/tvr_platform/config.py)")
+                          "(the config tree is platform/tvr_platform/config.py; method sections in tvr/methods/)")
     if OmegaConf.is_config(value):
         raise ConfigError(f"{where}: {key!r} is a config section; name one of its keys")
     if key.startswith("model.") and key.endswith(".num_frames"):
