@@ -121,7 +121,7 @@ def _log_learning_curve(tracker, metric: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    history = tracker.client.get_metric_history(tracker.run_id, f"val/{metric}")
+    history = tracker.client.get_metric_history(tracker.run_id, metric if metric == "train_loss" else f"val/{metric}")
     loss = tracker.client.get_metric_history(tracker.run_id, "train_loss")
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.plot([m.step for m in history], [m.value for m in history], "o-", label=f"val/{metric}")
@@ -246,7 +246,7 @@ def run_campaign(job: JobCfg, *, resume: bool = False, retry_errored: bool = Fal
     else:
         tuner = tune.Tuner(
             trainable,
-            param_space={} if job.tune.search_alg == "optuna" else space.ray_param_space(),
+            param_space={} if job.tune.search_alg == "optuna" else space.ray_param_space(job.tune.seed),
             tune_config=tune.TuneConfig(
                 metric=job.tune.metric, mode=job.tune.mode, num_samples=job.tune.num_samples,
                 search_alg=_search_alg(job, space), scheduler=_scheduler(job),

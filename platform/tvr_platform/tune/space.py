@@ -125,14 +125,15 @@ class SearchSpace:
                 values[p.key] = config[p.key]
         return values
 
-    def ray_param_space(self) -> dict[str, Any]:
+    def ray_param_space(self, seed: int | None = None) -> dict[str, Any]:
         """Flat {dotted key: Tune domain}; conditional keys are ``sample_from`` that return None
-        when inactive (dropped again by :meth:`trial_values`)."""
+        when inactive (dropped again by :meth:`trial_values`), drawing from their own generator
+        seeded from ``seed`` (Ray's ``random_state`` does not reach ``sample_from``)."""
         from ray import tune
 
         out: dict[str, Any] = {}
         for p in self.params:
-            out[p.key] = tune.sample_from(_ConditionalSample(p)) if p.when else p.ray_domain()
+            out[p.key] = tune.sample_from(_ConditionalSample(p, seed)) if p.when else p.ray_domain()
         return out
 
     def define_by_run(self, trial) -> None:
@@ -150,14 +151,19 @@ class SearchSpace:
 class _ConditionalSample:
     """``tune.sample_from`` callable (picklable): the parameter's sample, or None when inactive."""
 
-    def __init__(self, param: Param):
+    def __init__(self, param: Param, seed: int | None = None):
+        import zlib
+
+        import numpy as np
+
         self.param = param
+        self.rng = np.random.default_rng(None if seed is None else [seed, zlib.crc32(param.key.encode())])
 
     def __call__(self, spec) -> Any:
         values = {k: spec.config[k] for k in self.param.when}
         if not self.param.active(values):
             return None
-        return self.param.ray_domain().sample()
+        return self.param.ray_domain().sample(random_state=self.rng)
 
 
 # -- parsing and validation ----------------------------------------------------------------------
