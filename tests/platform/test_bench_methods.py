@@ -32,7 +32,8 @@ def test_every_variant_is_a_valid_job_with_the_shared_budget(variant, tmp_path):
 
 def _row(label, seed, r1, wall, params=100, two=None):
     metrics = {"t2v_R1": r1, "t2v_R5": 50.0, "t2v_R10": 80.0, "t2v_MnR": 3.0, "v2t_R1": 10.0, "v2t_R5": 40.0}
-    row = {"variant": label, "seed": seed, "metrics": metrics, "trainable_params": params, "wall_s": wall}
+    row = {"variant": label, "seed": seed, "metrics": metrics, "trainable_params": params,
+           "total_params": 1000 * params, "wall_s": wall}
     if two:
         row["two_stage"] = two
     return row
@@ -45,10 +46,10 @@ def test_markdown_table_mean_and_sample_std_over_seeds():
     rows.append(_row("meanP (CLIP4Clip)", 0, 5.0, 3.0))
     table = markdown_table(rows)
     lines = table.splitlines()
-    assert lines[0].startswith("| method | seeds | t2v_R1")
+    assert lines[0].startswith("| method | seeds | t2v_R1") and "| trainable % |" in lines[0]
     assert lines[2].startswith("| meanP (CLIP4Clip) | 1 | 5.0 |")             # VARIANTS order
     sd = statistics.stdev([10.0, 20.0, 30.0])
-    assert lines[3].startswith(f"| X-Pool | 3 | 20.0 ± {sd:.1f} |") and "1,234" in lines[3]
+    assert lines[3].startswith(f"| X-Pool | 3 | 20.0 ± {sd:.1f} |") and "| 1,234 | 0.1 |" in lines[3]
     assert "| 7.0 ± 2.0 |" in lines[3]                                         # wall time
     assert "| X-Pool | 5 / 12 | 50.0 ± 0.0 | 40.0 ± 0.0 | 90.0 ± 0.0 | 80.0 ± 0.0 | 75.0 ± 0.0% |" in table
 

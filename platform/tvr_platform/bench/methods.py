@@ -7,7 +7,7 @@ evaluated once per inference setting (UCoFIA with and without Sinkhorn-Knopp reu
 SK is inference-only). Results go to ``<work_dir>/bench-methods/results.jsonl``, one line per
 (variant, seed, inference setting); a rerun skips what is there, so an interrupted benchmark resumes.
 
-Cost per row: trainable parameters (``requires_grad``) and the training wall time (Ray Train fit,
+Cost per row: trainable parameters (``requires_grad``) and their share of all parameters, and the training wall time (Ray Train fit,
 including Ray Data decoding, excluding the evaluation).
 
 Shared machines: ``lock`` (a file path) is taken with ``flock`` around each training + evaluation
@@ -101,7 +101,9 @@ def run_one(variant: Variant, seed: int, work_dir: Path, user: list[str]) -> lis
 
     job = load_job(None, resolve_overrides(variant, seed, work_dir, user))
     ensure_synthetic(job)
-    params = trainable_params(build_method(job.model.method, job.method_cfg, ClipBackbone(job.model.backbone)))
+    built = build_method(job.model.method, job.method_cfg, ClipBackbone(job.model.backbone))
+    params, total = trainable_params(built), sum(p.numel() for p in built.parameters())
+    del built
     t0 = time.time()
     try:
         report = train(job, register=False)
@@ -117,7 +119,7 @@ def run_one(variant: Variant, seed: int, work_dir: Path, user: list[str]) -> lis
                                              sinkhorn_iters=int(settings.get("sinkhorn_iters", 0)))
             rows.append({"variant": variant.label + suffix, "seed": seed, "method": job.model.method,
                          "metrics": metrics, "train_metrics": report["metrics"], "trainable_params": params,
-                         "wall_s": wall, "epochs": job.train.epochs,
+                         "total_params": total, "wall_s": wall, "epochs": job.train.epochs,
                          **({"two_stage": search} if not settings else {})})
         return rows
     finally:
@@ -188,20 +190,27 @@ def _mean_std(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs):.1f}"
 
 
+def _fraction(row: dict[str, Any]) -> str:
+    total = row.get("total_params")
+    if not total:
+        return "n/a"
+    return f"{100 * row['trainable_params'] / total:.3g}"
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """Mean ± sample std over seeds per variant, in the order of ``VARIANTS``."""
     by: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         by.setdefault(r["variant"], []).append(r)
     order = [v.label + s for v in VARIANTS for s in v.evals]
-    head = ("| method | seeds | " + " | ".join(METRICS) + " | trainable params | train wall s |\n"
-            "|---|---|" + "---|" * len(METRICS) + "---|---|\n")
+    head = ("| method | seeds | " + " | ".join(METRICS) + " | trainable params | trainable % | train wall s |\n"
+            "|---|---|" + "---|" * len(METRICS) + "---|---|---|\n")
     lines = []
     for label in [x for x in order if x in by] + sorted(set(by) - set(order)):
         rs = sorted(by[label], key=lambda r: r["seed"])
         cells = [_mean_std([r["metrics"][m] for r in rs]) for m in METRICS]
         lines.append(f"| {label} | {len(rs)} | " + " | ".join(cells)
-                     + f" | {rs[0]['trainable_params']:,} | {_mean_std([r['wall_s'] for r in rs])} |")
+                     + f" | {rs[0]['trainable_params']:,} | {_fraction(rs[0])} | {_mean_std([r['wall_s'] for r in rs])} |")
     table = head + "\n".join(lines) + "\n"
     searched = [label for label in [x for x in order if x in by] if all("two_stage" in r for r in by[label])]
     if searched:
