@@ -52,15 +52,16 @@ def init_ray(job: JobCfg) -> None:
         ray.init(num_cpus=job.cluster.num_cpus, include_dashboard=False, **kwargs)
 
 
-def run_storage(job: JobCfg):
-    """(storage_path, pyarrow filesystem or None) for Ray Train's run directory."""
+def run_storage(job: JobCfg, folder: str = "runs"):
+    """(storage_path, pyarrow filesystem or None) of ``folder`` under the job's storage: Ray Train's
+    run directories (``runs``) or Tune's campaign experiments (``tune``)."""
     from tvr_platform.storage import open_storage
 
     if job.storage_uri.startswith("s3://"):
         store = open_storage(job.storage_uri, endpoint_url=job.storage.endpoint_url, region=job.storage.region)
         fs, path = store.pyarrow_filesystem()
-        return f"{path.rstrip('/')}/runs", fs
-    path = Path(job.storage_uri) / "runs"
+        return f"{path.rstrip('/')}/{folder}", fs
+    path = Path(job.storage_uri) / folder
     path.mkdir(parents=True, exist_ok=True)
     return str(path), None
 

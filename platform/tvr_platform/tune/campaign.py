@@ -17,7 +17,6 @@ import json
 import math
 import signal
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from tvr_platform.config import ConfigError, JobCfg, job_from_dict, job_to_dict, job_to_yaml
@@ -37,15 +36,9 @@ def campaign_name(job: JobCfg) -> str:
 
 def tune_storage(job: JobCfg) -> tuple[str, Any]:
     """(storage_path, pyarrow filesystem or None) of the campaign's Tune experiments."""
-    from tvr_platform.storage import open_storage
+    from tvr_platform.train.trainer import run_storage
 
-    if job.storage_uri.startswith("s3://"):
-        store = open_storage(job.storage_uri, endpoint_url=job.storage.endpoint_url, region=job.storage.region)
-        fs, path = store.pyarrow_filesystem()
-        return f"{path.rstrip('/')}/tune", fs
-    path = Path(job.storage_uri) / "tune"
-    path.mkdir(parents=True, exist_ok=True)
-    return str(path), None
+    return run_storage(job, "tune")
 
 
 def check_campaign(job: JobCfg) -> SearchSpace:
