@@ -4,13 +4,12 @@ transient failures (throttling, 5xx, connection reset) for both the boto3 and th
 
 from __future__ import annotations
 
-import io
 import json
 
-import av
 import numpy as np
 import pytest
 
+from media import audio_only_mp4
 from tvr.data.frames import decode_frames, normalize
 from tvr.data.synthetic import encode_mp4, render_frames, sample_spec
 from tvr_platform.config import load_job
@@ -26,21 +25,6 @@ def _good(num_frames=24, seed=0) -> bytes:
     return encode_mp4(render_frames(spec), 12, keyint=6)
 
 
-def _audio_only() -> bytes:
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="mp4") as c:
-        s = c.add_stream("aac", rate=16000)
-        s.layout = "mono"
-        for i in range(8):
-            f = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-            f.sample_rate, f.pts = 16000, i * 1024
-            for p in s.encode(f):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
-    return buf.getvalue()
-
-
 def _undecodable() -> bytes:
     """A well-formed MP4 container whose H.264 payload is all zeros: demuxes, never decodes."""
     data = bytearray(_good())
@@ -54,7 +38,7 @@ BAD = {
     "corrupt.mp4": lambda: bytes(np.random.default_rng(1).integers(0, 256, 5000, dtype=np.uint8)),
     "truncated.mp4": lambda: _good()[:300],
     "empty.mp4": lambda: b"",
-    "audio.mp4": _audio_only,
+    "audio.mp4": audio_only_mp4,
     "undecodable.mp4": _undecodable,
 }
 

@@ -9,6 +9,7 @@ import av
 import numpy as np
 import pytest
 
+from media import audio_only_mp4
 from tvr.data.frames import (
     OPENAI_MEAN,
     OPENAI_STD,
@@ -131,26 +132,11 @@ def test_short_clip_is_padded_with_its_last_frame():
     assert np.array_equal(res.frames, ref[[0, 1, 2, 3, 4, 4, 4, 4]])
 
 
-def _audio_only() -> bytes:
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="mp4") as c:
-        s = c.add_stream("aac", rate=16000)
-        s.layout = "mono"
-        for i in range(10):
-            f = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-            f.sample_rate, f.pts = 16000, i * 1024
-            for p in s.encode(f):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
-    return buf.getvalue()
-
-
 @pytest.mark.parametrize("case", ["empty", "garbage", "audio_only", "truncated_head"])
 def test_undecodable_inputs_raise_decode_error_with_a_reason(case):
     _, good = _clip()
     data = {"empty": b"", "garbage": bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)),
-            "audio_only": _audio_only() if case == "audio_only" else b"",
+            "audio_only": audio_only_mp4(10) if case == "audio_only" else b"",
             "truncated_head": good[: len(good) // 3]}[case]
     with pytest.raises(DecodeError) as info:
         decode_frames(data, 4, size=16)
