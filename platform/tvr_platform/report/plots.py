@@ -17,7 +17,7 @@ def _pyplot():
     return plt
 
 
-def _recall(plt, report: dict[str, Any], path: Path) -> None:
+def _recall(plt, report: dict[str, Any]):
     rc = report["recall_curve"]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for d in ("t2v", "v2t"):
@@ -25,35 +25,29 @@ def _recall(plt, report: dict[str, Any], path: Path) -> None:
     ax.set(xscale="log", xlabel="K", ylabel="R@K (%)", ylim=(0, 101), title="Recall@K")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
-def _ranks(plt, report: dict[str, Any], path: Path) -> None:
+def _ranks(plt, report: dict[str, Any]):
     h = report["rank_histogram"]
     edges = h["edges"]
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.2), sharey=False)
     for ax, d in zip(axes, ("t2v", "v2t")):
         ax.stairs(h[d], edges, fill=True, alpha=0.7)
         ax.set(xscale="log", xlabel="rank of the positive", ylabel="count", title=d)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
-def _heatmap(plt, report: dict[str, Any], path: Path) -> None:
+def _heatmap(plt, report: dict[str, Any]):
     s = report["similarity_sample"]
     fig, ax = plt.subplots(figsize=(4.6, 4))
     im = ax.imshow(s["matrix"], cmap="viridis", aspect="auto")
     ax.set(xlabel="video", ylabel="caption (diagonal = its video)", title="similarity sample")
     fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
-def _gap(plt, report: dict[str, Any], path: Path) -> None:
+def _gap(plt, report: dict[str, Any]):
     g = report["modality_gap"]
     p = g["pca"]
     fig, ax = plt.subplots(figsize=(4.6, 4))
@@ -64,9 +58,7 @@ def _gap(plt, report: dict[str, Any], path: Path) -> None:
     ax.set(xlabel=f"PC1 ({100 * r[0]:.0f}%)", ylabel=f"PC2 ({100 * r[1]:.0f}%)",
            title=f"modality gap = {g['gap']:.3f}")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def write_plots(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
@@ -79,6 +71,9 @@ def write_plots(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
     written = []
     for name, make, key in makers:
         if key in report:
-            make(plt, report, out / name)
+            fig = make(plt, report)
+            fig.tight_layout()
+            fig.savefig(out / name, dpi=110)
+            plt.close(fig)
             written.append(out / name)
     return written
