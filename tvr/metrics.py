@@ -16,8 +16,10 @@ DSL (dual softmax, Cheng et al. 2021, as in the T-MASS / X-Pool evaluation code)
 S' = S ⊙ softmax(τ·S) with the softmax over texts (dim 0) for t2v and over videos (dim 1) for
 v2t. In blocks, the softmax normaliser is a log-sum-exp accumulated in a first pass.
 
-Memory: :func:`blockwise_ranks` never holds more than ``block`` x ``block`` scores, so a
-100k x 100k evaluation runs in a few hundred MB.
+Memory and work: :func:`blockwise_ranks` holds at most ``keep_bytes`` of scored tiles plus one
+``block`` x ``block`` tile, so a 100k x 100k evaluation runs in about a GB, and it scores each tile
+once whenever the tiles it must hold fit (always without DSL when captions come in video order;
+with DSL when the whole matrix fits, otherwise twice: the normalisers need every tile first).
 """
 
 from __future__ import annotations
@@ -44,28 +46,57 @@ def _slices(n: int, block: int) -> list[slice]:
     return [slice(i, min(i + block, n)) for i in range(0, n, block)]
 
 
-def _dsl_normalisers(score: ScoreFn, n_t: int, n_v: int, block: int, temp: float) -> tuple[Tensor, Tensor]:
-    """Per-video log-sum-exp over texts (t2v) and per-text log-sum-exp over videos (v2t)."""
-    col = torch.full((n_v,), -torch.inf, dtype=torch.float64)
-    row = torch.full((n_t,), -torch.inf, dtype=torch.float64)
-    for ts in _slices(n_t, block):
-        for vs in _slices(n_v, block):
-            s = score(ts, vs).double() * temp
-            col[vs] = torch.logaddexp(col[vs], torch.logsumexp(s, dim=0))
-            row[ts] = torch.logaddexp(row[ts], torch.logsumexp(s, dim=1))
-    return col, row
+DEFAULT_KEEP_BYTES = 512 * 2**20
+"""Scored tiles :func:`blockwise_ranks` may hold between its passes (the whole matrix up to this)."""
+
+
+class _Tiles:
+    """Scores tiles through ``score``, keeping up to ``keep_bytes`` of them for a later pass.
+
+    ``calls`` counts the tiles scored, so callers and benchmarks can check every tile is scored once.
+    """
+
+    def __init__(self, score: ScoreFn, t_slices: list[slice], v_slices: list[slice], keep_bytes: int):
+        self.score, self.ts, self.vs = score, t_slices, v_slices
+        self.budget = keep_bytes
+        self.kept: dict[tuple[int, int], Tensor] = {}
+        self.calls = 0
+
+    def get(self, a: int, b: int, *, keep: bool) -> Tensor:
+        """Tile (a, b) as float64 on CPU. ``keep``: hold it for a later ``get`` (within budget);
+        otherwise a held tile is handed out and released."""
+        s = self.kept.get((a, b)) if keep else self.kept.pop((a, b), None)
+        if s is not None and not keep:
+            self.budget += s.numel() * s.element_size()
+        if s is None:
+            s = self.score(self.ts[a], self.vs[b]).cpu()
+            self.calls += 1
+            if keep and s.numel() * s.element_size() <= self.budget:
+                self.kept[(a, b)] = s
+                self.budget -= s.numel() * s.element_size()
+        return s.double()
 
 
 def blockwise_ranks(score: ScoreFn, text_to_video: Tensor, n_video: int, *, block: int = 4096,
-                    dsl_temp: float | None = None) -> Ranks:
+                    dsl_temp: float | None = None, keep_bytes: int = DEFAULT_KEEP_BYTES,
+                    stats: dict[str, int] | None = None) -> Ranks:
     """Ranks in both directions, computing S one (block x block) tile at a time.
 
     Args:
         score: returns a similarity tile for a text slice and a video slice.
         text_to_video: (N_t,) long, g(i) for each text; every video needs at least one text.
         n_video: N_v.
-        block: tile side; peak memory is O(block² + N_t + N_v).
+        block: tile side; peak memory is O(block² + keep_bytes + N_t + N_v).
         dsl_temp: if given, apply dual softmax with this inverse temperature (100 in T-MASS).
+        keep_bytes: scored tiles held between passes (as ``score`` returns them).
+        stats: if given, receives ``tiles`` (the number of tiles) and ``scored`` (``score`` calls).
+
+    Each tile is scored once when the tiles to hold fit in ``keep_bytes``. Without DSL the first
+    pass scores only the tiles holding a positive pair (i, g(i)) and holds them; the counting
+    pass then scores every other tile once (with captions in video order, that is one tile per
+    text strip: the whole of S is scored once at any N). With DSL, the normalisers need every
+    tile before any count, so the matrix is scored once if it fits in ``keep_bytes``, else twice.
+    Tiles beyond the budget are scored again; the ranks never depend on what was held.
     """
     g = text_to_video.long().cpu()
     n_t = g.shape[0]
@@ -73,50 +104,85 @@ def blockwise_ranks(score: ScoreFn, text_to_video: Tensor, n_video: int, *, bloc
         raise ValueError("blockwise_ranks: empty similarity matrix")
     if torch.bincount(g, minlength=n_video).min() == 0:
         raise ValueError("blockwise_ranks: every video needs at least one caption in text_to_video")
-    if dsl_temp is not None:
-        col_lse, row_lse = _dsl_normalisers(score, n_t, n_video, block, dsl_temp)
+    t_slices, v_slices = _slices(n_t, block), _slices(n_video, block)
+    tiles = _Tiles(score, t_slices, v_slices, keep_bytes)
+    every = [(a, b) for a in range(len(t_slices)) for b in range(len(v_slices))]
+    # Tiles holding a positive pair (i, g(i)), and how many of them each text strip / video block has.
+    col_block = g // block                                                       # (N_t,)
+    pos_tiles = sorted({(a, int(b)) for a, ts in enumerate(t_slices) for b in torch.unique(col_block[ts])})
+    row_left = torch.bincount(torch.tensor([a for a, _ in pos_tiles]), minlength=len(t_slices))
+    col_left = torch.bincount(torch.tensor([b for _, b in pos_tiles]), minlength=len(v_slices))
+    text_idx = torch.arange(n_t)
 
-    def tile(ts: slice, vs: slice, direction: str) -> Tensor:
-        s = score(ts, vs).double().cpu()
-        if dsl_temp is None:
-            return s
-        lse = col_lse[vs][None, :] if direction == "t2v" else row_lse[ts][:, None]
+    pos = torch.empty(n_t, dtype=torch.float64)                                  # S[i, g(i)]
+    if dsl_temp is not None:
+        col_lse = torch.full((n_video,), -torch.inf, dtype=torch.float64)        # over texts (t2v)
+        row_lse = torch.full((n_t,), -torch.inf, dtype=torch.float64)            # over videos (v2t)
+
+    def dsl(s: Tensor, lse: Tensor) -> Tensor:
+        """S ⊙ softmax(τS) elementwise, given the softmax's log normaliser (broadcast to s)."""
         return s * torch.exp(s * dsl_temp - lse)
 
-    # Pass 0: positive scores S[i, g(i)] in each direction's (possibly renormalised) form.
-    pos_t2v = torch.empty(n_t, dtype=torch.float64)
-    pos_v2t = torch.empty(n_t, dtype=torch.float64)
-    for ts in _slices(n_t, block):
-        gi = g[ts]
-        for vs in _slices(n_video, block):
-            inside = (gi >= vs.start) & (gi < vs.stop)
-            if not inside.any():
-                continue
-            rows = torch.nonzero(inside).squeeze(1)
-            cols = gi[rows] - vs.start
-            for direction, out in (("t2v", pos_t2v), ("v2t", pos_v2t)):
-                out[ts.start + rows] = tile(ts, vs, direction)[rows, cols]
-
-    # Best positive per video for v2t: max score, ties -> lowest text index.
-    text_idx = torch.arange(n_t)
+    pos_t2v = pos
     best_score = torch.full((n_video,), -torch.inf, dtype=torch.float64)
-    best_score.scatter_reduce_(0, g, pos_v2t, reduce="amax")
-    is_best = pos_v2t == best_score[g]
     best_text = torch.full((n_video,), n_t, dtype=torch.long)
-    best_text.scatter_reduce_(0, g[is_best], text_idx[is_best], reduce="amin")
 
-    # Pass 1: count strictly better (and tied-earlier) competitors.
+    def column_thresholds(b: int) -> None:
+        """Best positive of each video in block b for v2t: max score, ties -> lowest text index."""
+        texts = torch.nonzero(col_block == b).squeeze(1)
+        gt, pv = g[texts], (pos[texts] if dsl_temp is None else dsl(pos[texts], row_lse[texts]))
+        best_score.scatter_reduce_(0, gt, pv, reduce="amax")
+        is_best = pv == best_score[gt]
+        best_text.scatter_reduce_(0, gt[is_best], texts[is_best], reduce="amin")
+
     t2v = torch.ones(n_t, dtype=torch.long)
     v2t = torch.ones(n_video, dtype=torch.long)
-    for ts in _slices(n_t, block):
-        for vs in _slices(n_video, block):
-            vid = torch.arange(vs.start, vs.stop)
-            s = tile(ts, vs, "t2v")                                              # (bt, bv)
-            p = pos_t2v[ts][:, None]
-            t2v[ts] += ((s > p) | ((s == p) & (vid[None, :] < g[ts][:, None]))).sum(1)
-            s = tile(ts, vs, "v2t") if dsl_temp is not None else s
-            b = best_score[vs][None, :]
-            v2t[vs] += ((s > b) | ((s == b) & (text_idx[ts][:, None] < best_text[vs][None, :]))).sum(0)
+    counted: set[tuple[int, int]] = set()
+
+    def count(a: int, b: int, s: Tensor) -> None:
+        """Add tile (a, b)'s strictly better (and tied-earlier) competitors to both ranks."""
+        ts, vs = t_slices[a], v_slices[b]
+        vid = torch.arange(vs.start, vs.stop)
+        st = s if dsl_temp is None else dsl(s, col_lse[vs][None, :])
+        p = pos_t2v[ts][:, None]
+        t2v[ts] += ((st > p) | ((st == p) & (vid[None, :] < g[ts][:, None]))).sum(1)
+        sv = s if dsl_temp is None else dsl(s, row_lse[ts][:, None])
+        bs = best_score[vs][None, :]
+        v2t[vs] += ((sv > bs) | ((sv == bs) & (text_idx[ts][:, None] < best_text[vs][None, :]))).sum(0)
+        counted.add((a, b))
+
+    # Pass 1 (positive tiles; with DSL every tile): positive scores, and with DSL the normalisers.
+    # Without DSL a held tile is counted as soon as its strip's and its block's thresholds are known.
+    positive = set(pos_tiles)
+    for a, b in (every if dsl_temp is not None else pos_tiles):
+        ts, vs = t_slices[a], v_slices[b]
+        s = tiles.get(a, b, keep=True)                                           # (bt, bv)
+        if (a, b) in positive:
+            gi = g[ts]
+            rows = torch.nonzero(col_block[ts] == b).squeeze(1)
+            pos[ts.start + rows] = s[rows, gi[rows] - vs.start]
+        if dsl_temp is not None:
+            st = s * dsl_temp
+            col_lse[vs] = torch.logaddexp(col_lse[vs], torch.logsumexp(st, dim=0))
+            row_lse[ts] = torch.logaddexp(row_lse[ts], torch.logsumexp(st, dim=1))
+            continue
+        row_left[a] -= 1
+        col_left[b] -= 1
+        if col_left[b] == 0:
+            column_thresholds(b)
+        for ka, kb in [k for k in tiles.kept if row_left[k[0]] == 0 and col_left[k[1]] == 0]:
+            count(ka, kb, tiles.get(ka, kb, keep=False))
+    if dsl_temp is not None:
+        pos_t2v = dsl(pos, col_lse[g])
+        for b in range(len(v_slices)):
+            column_thresholds(b)
+
+    # Pass 2: every tile not yet counted (held tiles are handed out and released).
+    for a, b in every:
+        if (a, b) not in counted:
+            count(a, b, tiles.get(a, b, keep=False))
+    if stats is not None:
+        stats.update(tiles=len(every), scored=tiles.calls)
     return Ranks(t2v=t2v, v2t=v2t)
 
 
