@@ -1,5 +1,7 @@
 """ExCae ECS: top-k text-conditioned routing, gradients only through active experts, the score and the
-Switch/GShard load-balancing loss vs float64 loop re-computations, shapes, plug-in mode, short fits."""
+Switch/GShard load-balancing loss vs float64 loop re-computations, dense evaluation, top_k = 0, the
+70-token cut, shapes, score fusion, and ECS inside every base method's representation (trained on
+decoded synthetic clips with captions, one backbone pass per step)."""
 
 from __future__ import annotations
 
@@ -66,7 +68,7 @@ def topk_ref(z: list[float], k: int) -> tuple[list[float], list[int]]:
     return g, order
 
 
-def score_ref(model: ExCae, tf, vf) -> tuple[list[list[float]], list[list[list[float]]], list[list[list[int]]]]:
+def score_ref(model: ExCae, tf, vf, dense: bool = False) -> tuple[list[list[float]], list[list[list[float]]], list[list[list[int]]]]:
     """s_ecs, full router probabilities and top-k sets, by loops in float64."""
     t = tf["text"].double().tolist()
     E, r, u = (vf[k].double().tolist() for k in ("experts", "residual", "route"))
@@ -79,6 +81,8 @@ def score_ref(model: ExCae, tf, vf) -> tuple[list[list[float]], list[list[list[f
             mx = max(z)
             den = sum(math.exp(x - mx) for x in z)
             prow.append([math.exp(x - mx) / den for x in z])
+            if dense:
+                g = prow[-1]
             krow.append(order)
             D = len(r[j])
             v = [r[j][d] + sum(g[m] * E[j][m][d] for m in range(len(g))) for d in range(D)]
@@ -102,6 +106,17 @@ def test_spec_and_config_validation():
         ExCaeCfg(base="excae")
     with pytest.raises(ValueError, match="plugin_weight"):
         ExCaeCfg(plugin_weight=0.0)
+    with pytest.raises(ValueError, match="plugin"):
+        ExCaeCfg(base="meanp", plugin="concat")
+    with pytest.raises(ValueError, match="router"):             # evidence exists before the query
+        ExCaeCfg(base="meanp", router="pair")
+    with pytest.raises(ValueError, match="max_text_tokens"):
+        ExCaeCfg(max_text_tokens=1)
+    cfg = ExCaeCfg()               # issue 14: official objective and inference by default
+    assert cfg.balance_weight == 0.0 and cfg.dense_eval and cfg.max_text_tokens == 70
+    assert ExCaeCfg(top_k=0).top_k == 0
+    assert ExCaeCfg().router_mode == "pair" and ExCaeCfg(base="xpool").router_mode == "video"
+    assert ExCaeCfg(base="xpool", plugin="score").router_mode == "pair"
 
 
 def test_router_activates_exactly_top_k_and_gradients_reach_only_them(backbone_state):
@@ -128,7 +143,8 @@ def test_router_activates_exactly_top_k_and_gradients_reach_only_them(backbone_s
 
 @pytest.mark.parametrize("router", ["pair", "text", "video"])
 def test_similarity_matches_float64_reference_and_is_block_invariant(backbone_state, router):
-    model = make(backbone_state, num_experts=5, top_k=2, router=router, router_hidden=16, sim_chunk=3).eval()
+    model = make(backbone_state, num_experts=5, top_k=2, router=router, router_hidden=16, sim_chunk=3,
+                 dense_eval=False).eval()
     frames, captions, text = batch(model)
     with torch.no_grad():
         tf, vf = model.encode_text(text), model.encode_video(frames, captions)
@@ -219,7 +235,8 @@ def test_padding_captions_do_not_change_the_video(backbone_state):
 
 
 def test_plugin_shares_backbone_and_mixes_scores(backbone_state):
-    model = make(backbone_state, num_experts=3, top_k=1, router_hidden=8, base="meanp", plugin_weight=0.25)
+    model = make(backbone_state, num_experts=3, top_k=1, router_hidden=8, base="meanp", plugin="score",
+                 plugin_weight=0.25)
     frames, captions, text = batch(model)
     calls = []
     original = type(model.backbone).encode_frames
@@ -272,14 +289,21 @@ def test_training_reduces_loss_alone(backbone_state):
     assert last < first - 0.05
 
 
-def test_training_reduces_loss_as_plugin_over_meanp(backbone_state):
-    first, last = fit(make(backbone_state, num_experts=4, top_k=2, router_hidden=16, base="meanp"), steps=12)
+def test_score_fusion_trains_each_objective_once(backbone_state):
+    """plugin='score': L = L_base + L_ecs (+ α L_bal), never the base's inference scoring in training."""
+    model = make(backbone_state, num_experts=4, top_k=2, router_hidden=16, base="meanp", plugin="score")
+    first, last = fit(model, steps=12)
     assert last < first - 0.05
+    frames, captions, text = batch(model)
+    tf, vf = model.encode_text(text), model.encode_video(frames, captions)
+    out = model.loss(tf, vf)
+    base = model.base.loss(model._sub(tf), model._sub(vf))["loss"]
+    assert out["loss"].item() == pytest.approx(base.item() + out["loss_ecs"].item(), abs=1e-5)
 
 
 @pytest.mark.skipif("xpool" not in METHODS, reason="xpool is not registered in tvr.methods.METHODS")
 def test_plugin_over_xpool_trains_and_scores(backbone_state):
-    model = make(backbone_state, num_experts=3, top_k=1, router_hidden=8, base="xpool",
+    model = make(backbone_state, num_experts=3, top_k=1, router_hidden=8, base="xpool", plugin="score",
                  base_options={"dropout": 0.0})
     first, last = fit(model, steps=6)
     assert last < first
@@ -292,3 +316,204 @@ def test_plugin_over_xpool_trains_and_scores(backbone_state):
         assert torch.allclose(S, 0.5 * s_base + 0.5 * model.ecs_similarity(tf, vf), atol=1e-6)
     with pytest.raises(ValueError, match="base_options"):
         make(backbone_state, base="xpool", base_options={"no_such_key": 1})
+
+
+# -- issue 14: dense evaluation by default, top_k = 0, the paper's 70 tokens ----------------------
+def test_dense_evaluation_matches_float64_and_top_k_at_evaluation_is_an_option(backbone_state):
+    model = make(backbone_state, num_experts=5, top_k=2, router_hidden=16).eval()     # dense_eval default
+    frames, captions, text = batch(model)
+    with torch.no_grad():
+        tf, vf = model.encode_text(text), model.encode_video(frames, captions)
+        S = model.similarity(tf, vf)
+        model.cfg.dense_eval = False
+        S_topk = model.similarity(tf, vf)
+        model.cfg.dense_eval = True
+    dense, _, _ = score_ref(model, tf, vf, dense=True)
+    sparse, _, _ = score_ref(model, tf, vf, dense=False)
+    assert torch.allclose(S.double(), torch.tensor(dense, dtype=torch.float64), atol=1e-5)
+    assert torch.allclose(S_topk.double(), torch.tensor(sparse, dtype=torch.float64), atol=1e-5)
+    assert not torch.allclose(S, S_topk, atol=1e-4)
+    model.train()                                                      # training is always top-k
+    g, _ = model.gates(model.router(tf["text"], vf["route"]))
+    assert ((g > 0).sum(-1) == 2).all()
+
+
+def test_top_k_zero_scores_the_residual_alone_vs_float64(backbone_state):
+    model = make(backbone_state, num_experts=3, top_k=0, router_hidden=8, balance_weight=0.5)
+    frames, captions, text = batch(model)
+    for mode in ("train", "eval"):
+        getattr(model, mode)()
+        tf, vf = model.encode_text(text), model.encode_video(frames, captions)
+        g, idx = model.gates(model.router(tf["text"], vf["route"]))
+        assert not g.any() and idx.shape[-1] == 0                      # no expert active, dense eval too
+        S = model.similarity(tf, vf).double()
+        t = tf["text"].double().tolist()
+        r = vf["residual"].double().tolist()
+        ref = [[sum(a * b for a, b in zip(t[i], r[j])) / math.sqrt(sum(a * a for a in t[i]) * sum(b * b for b in r[j]))
+                for j in range(B)] for i in range(B)]
+        assert torch.allclose(S, torch.tensor(ref, dtype=torch.float64), atol=1e-5)
+    model.train()
+    out = model.loss(model.encode_text(text), model.encode_video(frames, captions))
+    assert out["loss_balance"].item() == 0.0 and out["expert_util_max"].item() == 0.0
+    out["loss"].backward()                                             # still a valid objective
+    assert torch.isfinite(out["loss"])
+
+
+def test_queries_and_captions_are_cut_at_the_papers_70_tokens():
+    import open_clip
+
+    from tvr.methods.excae import cut_tokens
+
+    tok = open_clip.get_tokenizer("ViT-B-32")                          # 77-token CLIP context
+    long = " ".join(f"word{i}" for i in range(60))                     # > 70 BPE tokens
+    short = "a red circle moves left"
+    ids = tok([long, short])                                           # (2, 77)
+    cut = cut_tokens(ids, 70)
+    ref = tok([long, short], context_length=70)                        # open_clip's own cut at 70 (EOT kept)
+    assert cut.shape == ids.shape
+    assert torch.equal(cut[:, :70], ref) and not cut[:, 70:].any()
+    assert torch.equal(cut[1], ids[1])                                 # a short query is unchanged
+    assert torch.equal(cut_tokens(ids, 0), ids)
+    assert cut[0].argmax() == 69                                       # EOT pooling reads the last kept slot
+
+
+def test_text_and_captions_reach_the_towers_cut(backbone_state):
+    model = make(backbone_state, num_experts=3, top_k=1, router_hidden=8, max_text_tokens=6)
+    frames, captions, text = batch(model)
+    seen = []
+    hook = model.backbone.text_tower.token_embedding.register_forward_hook(lambda m, a, o: seen.append(a[0]))
+    try:
+        model.encode_text(text)
+        model.encode_video(frames, captions)
+    finally:
+        hook.remove()
+    assert len(seen) == 2 and all(not ids[:, 6:].any() for ids in seen)
+    assert max(int((ids != 0).sum(-1).max()) for ids in seen) <= 6
+
+
+# -- ECS inside every base method's representation -----------------------------------------------
+FRAMES, CLIPS, KCAP = 4, 8, 2
+BASES = {
+    "meanp": {},
+    "xpool": {"dropout": 0.0},
+    "tmass": {"dropout": 0.0, "num_frames": FRAMES},
+    "ucofia": {"max_frames": FRAMES + 1, "temporal_layers": 1, "topk_samples": 16, "topk": 2},
+    "vop": {"variant": "P", "num_frames": FRAMES, "prompt_length": 2, "text_prompt_length": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    """Decoded synthetic clips (CLIPS, T, 3, 32, 32), a query per clip and KCAP auxiliary captions per
+    clip (the clip's other true sentences, as generated captions would be)."""
+    import json
+
+    from tvr.data.frames import decode_frames, normalize
+    from tvr.data.synthetic import synthesize
+
+    out = tmp_path_factory.mktemp("synth")
+    synthesize(out, num_clips=CLIPS, seconds=1.0, size=32, seed=5, captions_per_clip=KCAP + 1)
+    data = json.loads((out / "MSRVTT_data.json").read_text())
+    sents: dict[str, list[str]] = {}
+    for s in data["sentences"]:
+        sents.setdefault(s["video_id"], []).append(s["caption"])
+    ids = sorted(sents)
+    frames = torch.stack([torch.from_numpy(normalize(
+        decode_frames((out / "videos" / f"{v}.mp4").read_bytes(), FRAMES, size=32).frames)) for v in ids])
+    return frames, [sents[v][0] for v in ids], [sents[v][1:KCAP + 1] for v in ids]
+
+
+class PassCounter:
+    """Forward hooks on the first block of each tower: one call = one pass of that tower."""
+
+    def __init__(self, backbone: ClipBackbone):
+        self.visual = self.text = 0
+        self.handles = [
+            backbone.clip.visual.transformer.resblocks[0].register_forward_hook(lambda *a: self._add("visual")),
+            backbone.text_tower.transformer.resblocks[0].register_forward_hook(lambda *a: self._add("text"))]
+
+    def _add(self, tower: str) -> None:
+        setattr(self, tower, getattr(self, tower) + 1)
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("base", list(BASES))
+def test_ecs_inside_the_base_representation_trains_with_one_backbone_pass(backbone_state, clips, base):
+    frames, queries, aux = clips
+    model = make(backbone_state, num_experts=3, top_k=1, router_hidden=8, expert_heads=2, base=base,
+                 base_options=BASES[base])
+    assert model.cfg.representation and model.router.text_in is None          # video-routed evidence
+    text = model.backbone.tokenize(queries)                                    # (N, L)
+    caps = model.backbone.tokenize([c for cs in aux for c in cs]).view(CLIPS, KCAP, -1)  # (N, K, L)
+    opt = torch.optim.AdamW(model.param_groups(3e-3, 3e-3, 0.0))
+
+    def loss() -> dict[str, torch.Tensor]:
+        torch.manual_seed(7)                                                   # T-MASS's training noise
+        return model.loss(model.encode_text(text), model.encode_video(frames, caps))
+
+    model.eval()
+    with torch.no_grad():
+        before = float(loss()["loss"])
+    model.train()
+    counter = PassCounter(model.backbone)
+    try:
+        for step in range(6):
+            counter.visual = counter.text = 0
+            out = loss()
+            opt.zero_grad()
+            out["loss"].backward()
+            opt.step()
+            # the frames go through the backbone once; the text tower once for the queries, once for the captions
+            assert (counter.visual, counter.text) == (1, 2), (step, counter.visual, counter.text)
+    finally:
+        counter.close()
+    assert "loss_base" in out and "expert_frac_00" in out
+    model.eval()
+    with torch.no_grad():
+        after = float(loss()["loss"])
+        assert after < before - 0.02, (base, before, after)
+        tf, vf = model.encode_text(text), model.encode_video(frames, caps)
+        S = model.similarity(tf, vf)
+        # evaluation runs the base's own inference path on the enriched features
+        assert torch.equal(S, model.base.similarity(model._sub(tf), model._sub(vf)))
+        # the captions are in the representation: other captions, other scores
+        other = model.similarity(tf, model.encode_video(frames, caps.roll(1, dims=0)))
+        assert not torch.allclose(S, other, atol=1e-6)
+    if base == "ucofia":               # per-granularity SK of the base, reached through ExCae
+        sims = model.granularity_similarities(tf, vf)
+        assert set(sims) == {"video_sentence", "frame_sentence", "patch_word"}
+        assert vf["base.frames"].shape[1] == FRAMES + 1
+        assert torch.allclose(model.combine(sims, sinkhorn_iters=4),
+                              model.base.combine(model.base.granularity_similarities(model._sub(tf), model._sub(vf)),
+                                                 sinkhorn_iters=4))
+    else:
+        assert not hasattr(model, "combine")
+    if base in ("xpool", "tmass"):     # the text attends over T frames + the evidence token
+        assert vf["base.frames"].shape[1] == FRAMES + 1
+    if base == "tmass":                # training noise in the loss, the seeded sampler at evaluation
+        model.train()
+        a, b = (model.base.loss(model._sub(tf), model._sub(vf))["loss"].item() for _ in range(2))
+        assert a != b
+        assert model.base.cfg.num_frames == FRAMES + 1
+    if base == "vop":                  # frozen CLIP: only VoP's prompts and ECS's heads train
+        trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+        assert trainable == {"experts", "router", "base"}
+        assert not any(p.requires_grad for p in model.backbone.parameters())
+        n_train, n_all = model.trainable_parameters()
+        assert n_train == sum(p.numel() for p in [*model.experts.parameters(), *model.router.parameters(),
+                                                  *(p for n, p in model.base.named_parameters()
+                                                    if not n.startswith("backbone."))])
+        assert 0 < n_train / n_all < 0.5
+
+
+def test_representation_plugin_bad_frame_budget_is_one_clear_error(backbone_state, clips):
+    frames, _, _ = clips
+    model = make(backbone_state, num_experts=3, top_k=1, router_hidden=8, expert_heads=2, base="ucofia",
+                 base_options={"max_frames": FRAMES, "temporal_layers": 0})
+    with pytest.raises(ValueError, match="max_frames >= 5"):
+        model.encode_video(frames[:2])
+    with pytest.raises(ValueError, match="plugin=score"):
+        ExCaeCfg(base="no_such", plugin="representation")

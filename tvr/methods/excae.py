@@ -52,42 +52,83 @@ contrastive loss), P = B² routed pairs:
     L_bal = M · Σ_m f_m · P̄_m                                     Switch Transformer (Fedus et al.
                                                                   2021, eq. 4) / GShard auxiliary
                                                                   loss, top-k form; = 1 when balanced
-    L     = L_ecs + α · L_bal                                     α = ``balance_weight`` (0.01, Switch)
+    L     = L_ecs + α · L_bal                                     α = ``balance_weight`` (default 0:
+                                                                  off, the official objective;
+                                                                  Switch used 0.01)
 
-f_m is piecewise constant (no gradient); the gradient reaches the router through P̄_m. The loss
+f_m is piecewise constant (no gradient); the gradient reaches the router through P̄_m. With
+top_k = 0 no expert is assigned, f = 0 and L_bal = 0. The loss
 dict also reports ``expert_util_max`` = max_m f_m and ``expert_frac_XX`` = f_m per expert.
 
-Plug-in mode (``base`` = meanp | xpool | tmass | any registered method other than excae), the
-paper's plug-in table: ECS augments another method's video representation. The base method is
-built on the *same* backbone and used only through the generic interface, so the combination is
-at the score level, a convex mix with w = ``plugin_weight``:
+Plug-in (``base`` = meanp | xpool | tmass | ucofia | vop), the paper's Table 3: ECS enriches the
+video side of another method, built on the *same* backbone. Two named modes (``plugin``):
 
-    S = (1 − w) · S_base + w · S_ecs
-    L = L_base + CE-sym(S/τ) + α · L_bal       L_base: the base method's own full loss (with its
-                                               auxiliary terms); base features live under "base.*"
+``plugin="representation"`` (default): the ECS output joins the base method's video
+representation, and the base's own loss and similarity then run once, unchanged. With the
+official video-only router (the evidence must exist before any query is seen; ``router="auto"``
+resolves to ``video`` here), for video j with the base's own frame features F_j (VoP: its
+*prompted* frames) and captions C_j encoded by the base's text path (VoP: its prompted text tower):
+
+    g_j   = top-k / dense gates of z_j = W₂ ReLU(W_v u_j + b₁) + b₂      (M)
+    x_j   = Σ_m g_jm e_m(j) + r_j                                        (D) the official ECSModule
+                                                                              output + residual
+    F̃_j   = [f_1 .. f_T ; x_j]                                           (T+1, D) one evidence token
+
+F̃_j replaces F_j inside the base's ``encode_video`` (the backbone / VoP frame encoder is wrapped
+for that one call, so the frames go through the backbone once):
+
+    meanP      v_j = pool(F̃_j)                 the base's own mean, over T+1 tokens
+    X-Pool     v_{j|i} = XPool(t_i, F̃_j)        the text attends over frames *and* the evidence
+    T-MASS     the same pooling; its radius sees T+1 cosines (the base's ``num_frames`` is sized
+               T+1 automatically: give ``base_options.num_frames`` = frames per clip); training
+               uses T-MASS's training noise, evaluation its sampler (the base's own split)
+    UCoFIA     frame-sentence over T+1 frames, video-sentence through the temporal encoder over
+               T+1, patch-word with the evidence frame's patches all equal to x_j (so its K + 1
+               selected tokens are x_j); per-granularity SK as the base (``granularity_similarities``
+               / ``combine`` are the base's); needs ``base_options.max_frames`` >= T + 1
+    VoP        v_j = mean of the normalised prompted frames and x_j; the backbone stays frozen,
+               only VoP's prompts and ECS's experts / router train (``trainable_parameters``)
+
+    L = L_base(features with F̃) + α · L_bal     L_bal over the B routed videos (P = B, k = top_k)
+
+``plugin="score"``: score-level fusion. ECS keeps its own (text-routed) scores and the base its
+own representation; training adds the two objectives, each run once, and only inference mixes:
+
+    L = L_base + L_ecs + α · L_bal               S = (1 − w) · S_base + w · S_ecs  (w = ``plugin_weight``)
+
+Base features live under "base.*" in both modes.
+
+Token lengths: queries and auxiliary captions are cut to ``max_text_tokens`` = 70 CLIP positions
+(SOT .. EOT included, the EOT moved into the last kept slot), the paper's text length (§4.1);
+0 keeps the backbone's whole context.
 
 Official hyper-parameters that the released code does not pin (its config file is not public)
 and what is assumed here: 16 experts, top-2 (the paper's ablation setting), 1 encoder layer,
 8 heads, feed-forward 4·D (PyTorch's default 2048 for D = 512), dropout 0.1 (PyTorch default).
+``top_k = 0`` (no expert active, v = r_j: the first point of the paper's active-experts curve)
+is allowed.
 
 Deviations from the official code (documented choices, not accidents):
-- routing is conditioned on the query text (``router="pair"``, default) as the task requires;
-  ``router="video"`` reproduces the official text-independent gating;
-- the official gate uses sparse top-k only in training and a dense softmax over all experts at
-  inference; here top-k is used in both (``dense_eval=True`` restores the official inference);
+- standalone and in ``plugin="score"``, routing is conditioned on the query text (``router="auto"``
+  = ``pair``) as the task requires; ``router="video"`` reproduces the official text-independent gating
+  (and is what ``plugin="representation"`` uses);
+- the official gate is sparse top-k in training and a dense softmax over all experts at inference;
+  that is the default here (``dense_eval=True``); ``dense_eval=False`` keeps top-k at inference;
 - each expert reads out a learned token ε_m instead of output position 0 (the first caption or
   first frame), so padded captions and videos without captions are handled; the router's video
   summary u_j uses masked means instead of the first caption / first frame for the same reason;
 - views are assigned round-robin (m mod 3) instead of in blocks of ``num_experts_per_combination``,
   so any M ≥ 3 covers all three views;
-- the Switch/GShard load-balancing loss is added (the official code has none in the release);
+- the Switch/GShard load-balancing loss (in neither paper nor official code) is available with
+  ``balance_weight`` > 0; the default 0 is the official objective;
 - ``caption_grad=False`` encodes captions without gradient through the text tower (memory saver).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import dataclasses
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,7 +143,38 @@ from tvr.methods.base import Features, MethodSpec, backbone_head_groups
 VIEWS = ("captions", "frames", "joint")
 """Input view of expert m is VIEWS[m % 3] (official order: single embeddings, then all)."""
 
-ROUTERS = ("pair", "text", "video")
+ROUTERS = ("auto", "pair", "text", "video")
+PLUGINS = ("representation", "score")
+
+PAPER_TEXT_TOKENS = 70
+"""The paper's text length (§4.1): queries and captions are cut at 70 CLIP token positions."""
+
+
+@dataclass(frozen=True)
+class _Adapter:
+    """How the evidence token enters one base method (``plugin="representation"``)."""
+
+    frames_on: str
+    """'backbone': wrap ``backbone.encode_frames`` (CLS + patches); 'base': wrap ``base.encode_frames``."""
+    captions_on: str = "backbone"
+    """'backbone': captions through the plain text tower; 'base': through ``base.encode_text`` ('text')."""
+    grow_num_frames: bool = False
+    """The base's ``num_frames`` counts the tokens its scoring sees: size it T + 1."""
+    max_frames_key: str = ""
+    """Base config field that must hold T + 1 frames (checked at encode time)."""
+
+
+ADAPTERS: dict[str, _Adapter] = {
+    "meanp": _Adapter("backbone"),
+    "xpool": _Adapter("backbone"),
+    "tmass": _Adapter("backbone", grow_num_frames=True),
+    "ucofia": _Adapter("backbone", max_frames_key="max_frames"),
+    "vop": _Adapter("base", captions_on="base"),
+}
+"""The bases ECS plugs into as a representation; any other method needs ``plugin="score"``."""
+
+_BASE_HOOKS = ("granularity_similarities", "combine", "sinkhorn_temperature")
+"""Evaluation hooks of a base (UCoFIA's per-granularity SK) that ExCae exposes as its own."""
 
 
 @dataclass(kw_only=True)
@@ -112,9 +184,10 @@ class ExCaeCfg:
     num_experts: int = 16
     """M, the number of expert networks."""
     top_k: int = 2
-    """Experts activated per (text, video) pair."""
-    router: str = "pair"
-    """Router input: 'pair' (query text + video summary), 'text' (query only), 'video' (official)."""
+    """Experts activated per routed item; 0 = none (v = residual, the first point of the paper's curve)."""
+    router: str = "auto"
+    """Router input: 'pair' (query text + video summary), 'text' (query only), 'video' (official);
+    'auto' = 'video' for plugin='representation' with a base, else 'pair'."""
     router_hidden: int = 256
     """Hidden width of the router MLP (official GatingNetwork: 256)."""
     expert_layers: int = 1
@@ -125,32 +198,45 @@ class ExCaeCfg:
     """Expert feed-forward width = expert_ff_mult x embedding width."""
     dropout: float = 0.1
     """Dropout inside the experts."""
-    balance_weight: float = 0.01
-    """α, weight of the Switch/GShard load-balancing loss (0 = off)."""
-    dense_eval: bool = False
-    """Official inference: dense softmax over all experts in eval mode (False = top-k always)."""
+    balance_weight: float = 0.0
+    """α, weight of the Switch/GShard load-balancing loss (0 = off: neither paper nor official code has it)."""
+    dense_eval: bool = True
+    """Official inference: dense softmax over all experts in eval mode (False = top-k at evaluation too)."""
     caption_grad: bool = True
     """Back-propagate into the text tower through the caption embeddings (official: yes)."""
+    max_text_tokens: int = PAPER_TEXT_TOKENS
+    """CLIP token positions kept of every query and caption (paper: 70); 0 = the whole context."""
     base: str = "none"
-    """Plug-in base method: 'none' (ECS alone), 'meanp', 'xpool', 'tmass' (any method but excae)."""
+    """Plug-in base method: 'none' (ECS alone), 'meanp', 'xpool', 'tmass', 'ucofia', 'vop'."""
+    plugin: str = "representation"
+    """'representation': the evidence joins the base's video representation (one base loss/score);
+    'score': score-level fusion S = (1 - w) S_base + w S_ecs."""
     base_options: dict[str, Any] = field(default_factory=dict)
     """Keyword overrides for the base method's own config class (e.g. {'num_heads': 2})."""
     plugin_weight: float = 0.5
-    """w in S = (1 - w) S_base + w S_ecs (plug-in mode only)."""
+    """w in S = (1 - w) S_base + w S_ecs (plugin='score' only)."""
     sim_chunk: int = 32
     """Texts scored at once in ``similarity``; memory ~ sim_chunk x N_v x max(M, router_hidden)."""
 
     def __post_init__(self) -> None:
-        for name in ("num_experts", "top_k", "router_hidden", "expert_layers", "expert_heads",
+        for name in ("num_experts", "router_hidden", "expert_layers", "expert_heads",
                      "expert_ff_mult", "sim_chunk"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"model.excae.{name} must be a positive integer, got {value!r}")
+        for name in ("top_k", "max_text_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"model.excae.{name} must be an integer >= 0, got {value!r}")
+        if self.max_text_tokens == 1:
+            raise ValueError("model.excae.max_text_tokens must be 0 (no cut) or >= 2 (SOT + EOT)")
         if self.top_k > self.num_experts:
             raise ValueError(f"model.excae.top_k={self.top_k} exceeds model.excae.num_experts="
                              f"{self.num_experts}; choose top_k <= num_experts")
         if self.router not in ROUTERS:
             raise ValueError(f"model.excae.router must be one of {ROUTERS}, got {self.router!r}")
+        if self.plugin not in PLUGINS:
+            raise ValueError(f"model.excae.plugin must be one of {PLUGINS}, got {self.plugin!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.excae.dropout must be in [0, 1), got {self.dropout!r}")
         if self.balance_weight < 0:
@@ -158,7 +244,41 @@ class ExCaeCfg:
         if not 0.0 < self.plugin_weight <= 1.0:
             raise ValueError(f"model.excae.plugin_weight must be in (0, 1], got {self.plugin_weight!r}")
         if self.base == "excae":
-            raise ValueError("model.excae.base cannot be 'excae'; choose none, meanp, xpool or tmass")
+            raise ValueError("model.excae.base cannot be 'excae'; choose none or one of "
+                             f"{', '.join(ADAPTERS)}")
+        if self.representation:
+            if self.base not in ADAPTERS:
+                raise ValueError(f"model.excae.base={self.base!r} has no representation plug-in; choose one of "
+                                 f"{', '.join(ADAPTERS)} or set model.excae.plugin=score")
+            if self.router not in ("auto", "video"):
+                raise ValueError(f"model.excae.router={self.router!r}: plugin=representation routes by the "
+                                 "video only (the evidence exists before any query); use router=video or "
+                                 "auto, or plugin=score for text-conditioned routing")
+
+    @property
+    def representation(self) -> bool:
+        """ECS evidence inside the base's video representation."""
+        return self.base != "none" and self.plugin == "representation"
+
+    @property
+    def router_mode(self) -> str:
+        if self.router != "auto":
+            return self.router
+        return "video" if self.representation else "pair"
+
+
+def cut_tokens(ids: Tensor, n: int) -> Tensor:
+    """Keep the first n positions of CLIP token ids (N, L) (argmax = EOT pooling), the EOT moved
+    into position n - 1 of a row that was longer; positions >= n become padding. Shape unchanged,
+    so the towers' fixed positional embeddings still fit. n = 0 or n >= L: unchanged."""
+    if n == 0 or n >= ids.shape[-1]:
+        return ids
+    eot = ids.argmax(dim=-1)                                             # (N,) EOT position
+    out = ids.clone()
+    long_rows = (eot >= n).nonzero().flatten()
+    out[long_rows, n - 1] = ids[long_rows, eot[long_rows]]
+    out[:, n:] = 0
+    return out
 
 
 class Expert(nn.Module):
@@ -203,7 +323,10 @@ class Router(nn.Module):
 
 
 def top_k_gates(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """logits (..., M) -> sparse gates (..., M) (softmax over the top k, zero elsewhere), indices (..., k)."""
+    """logits (..., M) -> sparse gates (..., M) (softmax over the top k, zero elsewhere), indices (..., k).
+    k = 0: all gates zero, no index."""
+    if k == 0:
+        return torch.zeros_like(logits), torch.zeros(*logits.shape[:-1], 0, dtype=torch.long, device=logits.device)
     vals, idx = logits.topk(k, dim=-1)                                   # (..., k)
     gates = torch.zeros_like(logits).scatter(-1, idx, vals.softmax(dim=-1))
     return gates, idx
@@ -212,11 +335,23 @@ def top_k_gates(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
 def load_balance_loss(probs_sum: Tensor, counts: Tensor, num_pairs: int, k: int) -> tuple[Tensor, Tensor]:
     """Switch/GShard L_bal = M Σ_m f_m P̄_m from Σ_pairs p (M,) and assignment counts (M,).
 
-    Returns (L_bal, f) with f_m = counts_m / (num_pairs · k)."""
+    Returns (L_bal, f) with f_m = counts_m / (num_pairs · k); k = 0 gives (0, 0)."""
     M = probs_sum.shape[0]
+    if k == 0 or num_pairs == 0:
+        return probs_sum.sum() * 0.0, probs_sum.new_zeros(M).detach()
     frac = counts.to(probs_sum.dtype) / (num_pairs * k)                  # (M,) f_m, sums to 1
     mean_prob = probs_sum / num_pairs                                    # (M,) P̄_m
     return M * (frac * mean_prob).sum(), frac
+
+
+@contextlib.contextmanager
+def _shadow(obj: nn.Module, name: str, fn: Callable[..., Any]) -> Iterator[None]:
+    """Within the block, ``obj.<name>`` is ``fn`` (an instance attribute shadowing the method)."""
+    object.__setattr__(obj, name, fn)
+    try:
+        yield
+    finally:
+        object.__delattr__(obj, name)
 
 
 @contextlib.contextmanager
@@ -244,13 +379,8 @@ def shared_backbone_calls(backbone: ClipBackbone) -> Iterator[None]:
         cache[("text", id(text))] = (text, out)
         return out
 
-    backbone.encode_frames = encode_frames  # type: ignore[method-assign]
-    backbone.encode_text = encode_text  # type: ignore[method-assign]
-    try:
+    with _shadow(backbone, "encode_frames", encode_frames), _shadow(backbone, "encode_text", encode_text):
         yield
-    finally:
-        del backbone.encode_frames
-        del backbone.encode_text
 
 
 class ExCae(nn.Module):
@@ -266,7 +396,8 @@ class ExCae(nn.Module):
             Expert(dim=D, heads=cfg.expert_heads, layers=cfg.expert_layers, ff=cfg.expert_ff_mult * D,
                    dropout=cfg.dropout) for _ in range(cfg.num_experts))
         self.views = [VIEWS[m % len(VIEWS)] for m in range(cfg.num_experts)]
-        self.router = Router(dim=D, hidden=cfg.router_hidden, num_experts=cfg.num_experts, mode=cfg.router)
+        self.router = Router(dim=D, hidden=cfg.router_hidden, num_experts=cfg.num_experts, mode=cfg.router_mode)
+        self.adapter = ADAPTERS.get(cfg.base) if cfg.representation else None
         self.base: nn.Module | None = None
         if cfg.base != "none":
             from tvr.methods import get_spec  # lazy: tvr.methods imports this module
@@ -277,10 +408,35 @@ class ExCae(nn.Module):
             except TypeError as err:
                 raise ValueError(f"model.excae.base_options: {err}; valid keys are the fields of "
                                  f"{spec.config_cls.__name__}") from None
+            if self.adapter is not None and self.adapter.grow_num_frames:
+                base_cfg = dataclasses.replace(base_cfg, num_frames=base_cfg.num_frames + 1)
             self.base = spec.build(base_cfg, backbone)
+
+    def __getattr__(self, name: str) -> Any:
+        # UCoFIA's per-granularity SK hooks, exposed when ECS sits inside UCoFIA's representation
+        if name in _BASE_HOOKS:
+            base = self._modules.get("base")
+            if base is not None and self.__dict__["cfg"].representation and hasattr(base, name):
+                fn = getattr(base, name)
+                if name == "granularity_similarities":
+                    return lambda text, video: fn(self._sub(text), self._sub(video))
+                return fn
+            raise AttributeError(f"ExCae(base={self.__dict__['cfg'].base!r}) has no {name!r}")
+        return super().__getattr__(name)
+
+    def trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, total) parameter counts (over VoP: prompts + ECS heads vs everything)."""
+        n_train = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return n_train, sum(p.numel() for p in self.parameters())
+
+    def _cut(self, ids: Tensor) -> Tensor:
+        return cut_tokens(ids, self.cfg.max_text_tokens)
 
     # -- encoders ---------------------------------------------------------------------------------
     def encode_text(self, text: Tensor) -> Features:
+        text = self._cut(text)
+        if self.cfg.representation:
+            return {f"base.{k}": v for k, v in self.base.encode_text(text).items()}
         with shared_backbone_calls(self.backbone):
             out = {f"base.{k}": v for k, v in self.base.encode_text(text).items()} if self.base else {}
             eos, _, _ = self.backbone.encode_text(text)                  # (B, D)
@@ -300,19 +456,19 @@ class ExCae(nn.Module):
         valid = (flat != 0).any(dim=-1)                                  # (B*K,)
         emb = like.new_zeros(B * K, D)                                   # (B*K, D)
         if bool(valid.any()):
+            ids = self._cut(flat[valid])                                 # (n_valid, L)
             with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.caption_grad):
-                eos, _, _ = self.backbone.encode_text(flat[valid])       # (n_valid, D)
+                if self.adapter is not None and self.adapter.captions_on == "base":
+                    eos = self.base.encode_text(ids)["text"]             # (n_valid, D) the base's text path
+                else:
+                    eos, _, _ = self.backbone.encode_text(ids)           # (n_valid, D)
             emb = emb.index_put((valid.nonzero().squeeze(1),), eos.to(emb.dtype))
         return emb.view(B, K, D), valid.view(B, K)                       # (B, K, D), (B, K)
 
-    def encode_video(self, frames: Tensor, captions: Tensor | None = None) -> Features:
-        B = frames.shape[0]
-        with shared_backbone_calls(self.backbone):
-            out = ({f"base.{k}": v for k, v in self.base.encode_video(frames, captions).items()}
-                   if self.base else {})
-            f, _ = self.backbone.encode_frames(frames)                   # (B, T, D)
-        c, mu = self.encode_captions(captions, B, f)                     # (B, K, D), (B, K)
-        T = f.shape[1]
+    def experts_of(self, f: Tensor, c: Tensor, mu: Tensor) -> dict[str, Tensor]:
+        """Frames f (B, T, D), captions c (B, K, D) with mask mu (B, K) -> experts (B, M, D),
+        residual r (B, D), route u (B, 2D)."""
+        B, T = f.shape[:2]
         mu_f = mu.to(f.dtype)                                            # (B, K)
         n_cap = mu_f.sum(dim=1, keepdim=True)                            # (B, 1)
         cap_sum = (c * mu_f[..., None]).sum(dim=1)                       # (B, D)
@@ -323,11 +479,81 @@ class ExCae(nn.Module):
         inputs = {"captions": (c, mu), "frames": (f, mu.new_ones(B, T)), "joint": (joint, joint_valid)}
         experts = torch.stack([expert(*inputs[view]) for expert, view in zip(self.experts, self.views)],
                               dim=1)                                     # (B, M, D) e_m(j)
-        out.update(experts=experts, residual=residual, route=route)
+        return {"experts": experts, "residual": residual, "route": route}
+
+    def evidence(self, f: Tensor, captions: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """The video-routed ECS output x_j = Σ_m g_jm e_m(j) + r_j of the base's frames f (B, T, D)
+        -> x (B, D), router probabilities (B, M), gates (B, M)."""
+        B, D = f.shape[0], f.shape[-1]
+        c, mu = self.encode_captions(captions, B, f)                     # (B, K, D), (B, K)
+        ecs = self.experts_of(f, c, mu)
+        logits = self.router(f.new_zeros(1, D), ecs["route"])[0]         # (B, M) video-only router
+        g, _ = self.gates(logits)                                        # (B, M)
+        x = torch.einsum("bm,bmd->bd", g, ecs["experts"]) + ecs["residual"]  # (B, D)
+        return x, logits.softmax(dim=-1), g
+
+    def _encode_video_representation(self, frames: Tensor, captions: Tensor | None) -> Features:
+        B, T = frames.shape[:2]
+        ad, base = self.adapter, self.base
+        if ad.max_frames_key:
+            cap = getattr(base.cfg, ad.max_frames_key)
+            if T + 1 > cap:
+                raise ValueError(f"ExCae over {self.cfg.base} appends one evidence token: clips of {T} frames "
+                                 f"need model.excae.base_options.{ad.max_frames_key} >= {T + 1} (now {cap})")
+        routed: dict[str, Tensor] = {}
+
+        def with_evidence(f: Tensor) -> Tensor:
+            x, probs, gates = self.evidence(f, captions)                 # (B, D), (B, M), (B, M)
+            routed.update(probs=probs, gates=gates)
+            return torch.cat([f, x[:, None].to(f.dtype)], dim=1)         # (B, T+1, D) F̃
+
+        if ad.frames_on == "base":                                       # VoP: the prompted frames
+            real_frames = base.encode_frames
+
+            def base_frames(frames_: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+                return with_evidence(real_frames(frames_, *args, **kwargs))
+
+            with _shadow(base, "encode_frames", base_frames):
+                out = base.encode_video(frames, None)
+        else:
+            real = self.backbone.encode_frames
+
+            def backbone_frames(frames_: Tensor, patches: bool = False) -> tuple[Tensor, Tensor | None]:
+                cls, tokens = real(frames_, patches=patches)             # (B, T, D), (B, T, P, D) | None
+                cls2 = with_evidence(cls)                                # (B, T+1, D)
+                if tokens is not None:                                   # the evidence "frame": P copies of x
+                    x = cls2[:, -1:, None, :].expand(-1, -1, tokens.shape[2], -1)  # (B, 1, P, D)
+                    tokens = torch.cat([tokens, x.to(tokens.dtype)], dim=1)        # (B, T+1, P, D)
+                return cls2, tokens
+
+            with _shadow(self.backbone, "encode_frames", backbone_frames):
+                out = base.encode_video(frames, None)
+        if not routed:
+            raise RuntimeError(f"ExCae over {self.cfg.base}: the base's encode_video did not read its frames "
+                               "through the expected encoder; the evidence was never added")
+        feats = {f"base.{k}": v for k, v in out.items()}
+        feats.update({"ecs.probs": routed["probs"], "ecs.gates": routed["gates"]})
+        return feats
+
+    def encode_video(self, frames: Tensor, captions: Tensor | None = None) -> Features:
+        if self.cfg.representation:
+            return self._encode_video_representation(frames, captions)
+        B = frames.shape[0]
+        with shared_backbone_calls(self.backbone):
+            out = ({f"base.{k}": v for k, v in self.base.encode_video(frames, captions).items()}
+                   if self.base else {})
+            f, _ = self.backbone.encode_frames(frames)                   # (B, T, D)
+        c, mu = self.encode_captions(captions, B, f)                     # (B, K, D), (B, K)
+        out.update(self.experts_of(f, c, mu))
         return out
 
     # -- scoring ----------------------------------------------------------------------------------
     def _check(self, text: Features, video: Features) -> None:
+        if self.cfg.representation:
+            if not any(k.startswith("base.") for k in video) or "ecs.gates" not in video:
+                raise KeyError(f"ExCae(base={self.cfg.base!r}, plugin=representation): video features need "
+                               f"'base.*' and 'ecs.gates' from ExCae.encode_video, got {sorted(video)}")
+            return
         for key, feats, where in (("text", text, "encode_text"), ("experts", video, "encode_video"),
                                   ("residual", video, "encode_video"), ("route", video, "encode_video")):
             if key not in feats:
@@ -337,9 +563,10 @@ class ExCae(nn.Module):
                            f"'base.*' entries; encode them with this ExCae model")
 
     def gates(self, logits: Tensor) -> tuple[Tensor, Tensor]:
-        """Router logits (..., M) -> gates (..., M) and top-k indices (..., k)."""
+        """Router logits (..., M) -> gates (..., M) and top-k indices (..., k): top-k in training,
+        the dense softmax at evaluation when ``dense_eval`` (official); all zero when top_k = 0."""
         gates, idx = top_k_gates(logits, self.cfg.top_k)
-        if not self.training and self.cfg.dense_eval:
+        if not self.training and self.cfg.dense_eval and self.cfg.top_k > 0:
             gates = logits.softmax(dim=-1)
         return gates, idx
 
@@ -358,7 +585,7 @@ class ExCae(nn.Module):
         return num * sq.clamp(min=1e-12).rsqrt(), logits.softmax(dim=-1), idx
 
     def ecs_similarity(self, text: Features, video: Features) -> Tensor:
-        """s_ecs (N_t, N_v), chunked over texts."""
+        """s_ecs (N_t, N_v), chunked over texts (standalone / plugin='score')."""
         t = text["text"]
         out = [self._ecs_chunk(tc, video)[0] for tc in t.split(self.cfg.sim_chunk)]
         return torch.cat(out) if out else t.new_zeros(0, video["experts"].shape[0])
@@ -369,15 +596,33 @@ class ExCae(nn.Module):
 
     def similarity(self, text: Features, video: Features) -> Tensor:
         self._check(text, video)
+        if self.cfg.representation:
+            return self.base.similarity(self._sub(text), self._sub(video))
         s = self.ecs_similarity(text, video)                             # (Nt, Nv)
         if self.base is None:
             return s
         w = self.cfg.plugin_weight
         return (1 - w) * self.base.similarity(self._sub(text), self._sub(video)) + w * s
 
+    def _routing_stats(self, out: dict[str, Tensor], probs_sum: Tensor, counts: Tensor, num: int) -> Tensor:
+        bal, frac = load_balance_loss(probs_sum, counts, num, self.cfg.top_k)
+        frac = frac.detach()
+        out.update(loss_balance=bal.detach(), expert_util_max=frac.max())
+        out.update({f"expert_frac_{m:02d}": frac[m] for m in range(self.cfg.num_experts)})
+        return bal
+
     def loss(self, text: Features, video: Features) -> dict[str, Tensor]:
         self._check(text, video)
-        M, k = self.cfg.num_experts, self.cfg.top_k
+        M = self.cfg.num_experts
+        out: dict[str, Tensor] = {}
+        if self.cfg.representation:
+            base_out = self.base.loss(self._sub(text), self._sub(video))
+            g, p = video["ecs.gates"], video["ecs.probs"]                # (B, M), (B, M)
+            bal = self._routing_stats(out, p.sum(dim=0), (g > 0).sum(dim=0), g.shape[0])
+            out.update({f"base_{n}": v.detach() for n, v in base_out.items() if n != "loss"})
+            out["loss_base"] = base_out["loss"].detach()
+            out["loss"] = base_out["loss"] + self.cfg.balance_weight * bal
+            return out
         t = text["text"]                                                 # (B, D)
         rows, probs_sum = [], t.new_zeros(M)
         counts = torch.zeros(M, dtype=torch.long, device=t.device)
@@ -387,28 +632,19 @@ class ExCae(nn.Module):
             probs_sum = probs_sum + p.sum(dim=(0, 1))                    # (M,)
             counts += torch.bincount(idx.reshape(-1), minlength=M)       # (M,)
         s_ecs = torch.cat(rows)                                          # (B, B)
-        num_pairs = s_ecs.numel()
-        bal, frac = load_balance_loss(probs_sum, counts, num_pairs, k)
-        out: dict[str, Tensor] = {}
-        if self.base is None:
-            sims = s_ecs
-            total = symmetric_ce(clip_logits(sims, self.backbone.logit_scale))
-            out["loss_ecs"] = total.detach()
-        else:
-            w = self.cfg.plugin_weight
+        bal = self._routing_stats(out, probs_sum, counts, s_ecs.numel())
+        total = symmetric_ce(clip_logits(s_ecs, self.backbone.logit_scale))
+        out["loss_ecs"] = total.detach()
+        if self.base is not None:                                        # plugin='score': each objective once
             base_out = self.base.loss(self._sub(text), self._sub(video))
-            sims = (1 - w) * self.base.similarity(self._sub(text), self._sub(video)) + w * s_ecs
-            fused = symmetric_ce(clip_logits(sims, self.backbone.logit_scale))
-            total = base_out["loss"] + fused
+            total = total + base_out["loss"]
             out.update({f"base_{n}": v.detach() for n, v in base_out.items()})
-            out["loss_fused"] = fused.detach()
-        total = total + self.cfg.balance_weight * bal
-        frac = frac.detach()
-        out.update(loss=total, loss_balance=bal.detach(), expert_util_max=frac.max())
-        out.update({f"expert_frac_{m:02d}": frac[m] for m in range(M)})
+        out["loss"] = total + self.cfg.balance_weight * bal
         return out
 
     def param_groups(self, lr: float, backbone_lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        if self.base is not None and not any(p.requires_grad for p in self.backbone.parameters()):
+            backbone_lr = lr                  # a frozen-backbone base (VoP): everything that trains is a head
         return backbone_head_groups(self, lr, backbone_lr, weight_decay)
 
 
@@ -417,5 +653,5 @@ def build(cfg: ExCaeCfg, backbone: ClipBackbone) -> ExCae:
 
 
 SPEC = MethodSpec(name="excae", config_cls=ExCaeCfg, build=build,
-                  summary="ExCae expertized caption selection: top-k text-routed experts over frames + "
-                          "auxiliary captions, optionally plugged into another method (Yang et al. 2025)")
+                  summary="ExCae expertized caption selection: experts over frames + auxiliary captions, "
+                          "alone or inside another method's video representation (Yang et al. 2025)")
