@@ -54,7 +54,15 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("VoP-F", ("model.method=vop", "model.vop.variant=F", "model.vop.num_frames=${data.num_frames}")),
     Variant("VoP (full)", ("model.method=vop", "model.vop.variant=full", "model.vop.num_frames=${data.num_frames}")),
     Variant("ExCae ECS", ("model.method=excae",)),
-    Variant("ExCae ECS + meanP", ("model.method=excae", "model.excae.base=meanp")),
+    # ECS inside each base's video representation (model.excae.plugin=representation, the default)
+    Variant("ExCae over meanP", ("model.method=excae", "model.excae.base=meanp")),
+    Variant("ExCae over X-Pool", ("model.method=excae", "model.excae.base=xpool")),
+    Variant("ExCae over T-MASS", ("model.method=excae", "model.excae.base=tmass",
+                                  "model.excae.base_options={num_frames: ${data.num_frames}}")),
+    Variant("ExCae over UCoFIA", ("model.method=excae", "model.excae.base=ucofia"),
+            {" (no SK)": {"sinkhorn_iters": 0}, " + SK": {"sinkhorn_iters": 4}}),
+    Variant("ExCae over VoP (full)", ("model.method=excae", "model.excae.base=vop",
+                                      "model.excae.base_options={variant: full, num_frames: ${data.num_frames}}")),
 )
 METRICS = ("t2v_R1", "t2v_R5", "t2v_R10", "t2v_MnR", "v2t_R1", "v2t_R5")
 
