@@ -72,16 +72,44 @@ def order_by_index(feats: Features, index: Tensor, n: int) -> Features:
     return {k: v[order] for k, v in feats.items()}
 
 
+PREPARED_KEEP_BYTES = 2 * 2**30
+"""Prepared video blocks (the model's ``prepare_video``) an evaluation holds on its device."""
+
+
+class VideoBlocks:
+    """Video feature blocks on the scoring device, each prepared once (the model's ``prepare_video``
+    mode: text-independent tensors such as X-Pool's frame keys / values) and held within
+    ``keep_bytes``, so every block of texts reuses them; blocks beyond the budget are prepared
+    again when asked for (same scores either way)."""
+
+    def __init__(self, model: ModelCall, video: Features, device: torch.device | str,
+                 keep_bytes: int = PREPARED_KEEP_BYTES):
+        self.model, self.video, self.device, self.budget = model, video, device, keep_bytes
+        self.kept: dict[tuple[int, int], Features] = {}
+
+    def __call__(self, vs: slice) -> Features:
+        key = (vs.start, vs.stop)
+        if key in self.kept:
+            return self.kept[key]
+        feats = self.model(mode="prepare_video", video_feats=to_device(slice_features(self.video, vs), self.device))
+        size = sum(v.numel() * v.element_size() for v in feats.values())
+        if size <= self.budget:
+            self.kept[key] = feats
+            self.budget -= size
+        return feats
+
+
 @torch.no_grad()
 def similarity_matrix(model: ModelCall, text: Features, video: Features, block: int,
                       device: torch.device | str) -> Tensor:
     n_t, n_v = next(iter(text.values())).shape[0], next(iter(video.values())).shape[0]
     sims = torch.empty(n_t, n_v)
+    videos = VideoBlocks(model, video, device)
     for i in range(0, n_t, block):
         for j in range(0, n_v, block):
             sims[i:i + block, j:j + block] = model(
                 mode="similarity", text_feats=to_device(slice_features(text, slice(i, i + block)), device),
-                video_feats=to_device(slice_features(video, slice(j, j + block)), device)).float().cpu()
+                video_feats=videos(slice(j, j + block))).float().cpu()
     return sims
 
 
@@ -90,7 +118,8 @@ def evaluate(model: ModelCall, text: Features, video: Features, text_to_video: T
              block: int = 1024, dsl: bool = False, sinkhorn_iters: int = 0,
              device: torch.device | str = "cpu") -> tuple[dict[str, float], Ranks]:
     """Metrics of texts vs videos. Tiles of ``block`` x ``block``; Sinkhorn-Knopp needs the full
-    matrix (it normalises every row and column), so it materialises it."""
+    matrix (it normalises every row and column), so it materialises it. ``model`` answers the
+    modes 'similarity' and 'prepare_video' (:class:`~tvr_platform.train.step.RetrievalStep`)."""
     n_v = next(iter(video.values())).shape[0]
     dsl_temp = 100.0 if dsl else None
     if sinkhorn_iters > 0:
@@ -99,9 +128,11 @@ def evaluate(model: ModelCall, text: Features, video: Features, text_to_video: T
         sims = sinkhorn_normalise(similarity_matrix(model, text, video, block, device), sinkhorn_iters)
         ranks = ranks_from_matrix(sims, text_to_video, block=block, dsl_temp=dsl_temp)
     else:
+        videos = VideoBlocks(model, video, device)
+
         def score(ts: slice, vs: slice) -> Tensor:
             return model(mode="similarity", text_feats=to_device(slice_features(text, ts), device),
-                         video_feats=to_device(slice_features(video, vs), device)).float().cpu()
+                         video_feats=videos(vs)).float().cpu()
 
         ranks = blockwise_ranks(score, text_to_video, n_v, block=block, dsl_temp=dsl_temp)
     return retrieval_metrics(ranks), ranks

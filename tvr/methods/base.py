@@ -11,6 +11,12 @@ A method is an ``nn.Module`` that owns a :class:`~tvr.backbone.ClipBackbone` and
                                   describes the i-th video   -> {"loss": scalar, other scalars...}
 - ``param_groups(lr, backbone_lr, weight_decay)``            -> torch optimizer param groups
 
+Optionally ``prepare_video(video)`` -> the same features plus text-independent tensors that
+``similarity`` would otherwise recompute for every block of texts (X-Pool's frame keys / values);
+the platform calls it once per evaluation and once per search index (:func:`prepare_video`).
+Every prepared tensor shares the first dimension N_v, and ``similarity`` gives the same scores with
+or without them.
+
 Every output is a flat ``dict[str, Tensor]`` whose tensors share their first dimension with the
 batch, so the platform can gather them across workers, slice them into evaluation blocks and
 concatenate them without knowing the method.
@@ -80,3 +86,9 @@ def backbone_head_groups(module: nn.Module, lr: float, backbone_lr: float,
             "name": f"{'backbone' if is_backbone else 'head'}{'/no_decay' if no_decay else ''}",
         })
     return groups
+
+
+def prepare_video(method: Any, video: Features) -> Features:
+    """``method.prepare_video(video)`` where the method has one, else ``video`` unchanged."""
+    prepare = getattr(method, "prepare_video", None)
+    return video if prepare is None else prepare(video)

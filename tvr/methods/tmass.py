@@ -67,7 +67,8 @@ of texts and videos it is computed in, in any order, on any device. The same ε_
 candidate videos of text i (common random numbers); R_ij still differs per pair. Training noise
 comes from the global torch RNG.
 
-Other deviations: pooled tensors are laid out (N_t, N_v, D); similarity is chunked over texts.
+Other deviations: pooled tensors are laid out (N_t, N_v, D); similarity is chunked over texts;
+``prepare_video`` caches the text-independent frame tensors (X-Pool's K, V and the unit frames).
 """
 
 from __future__ import annotations
@@ -211,14 +212,20 @@ class TMass(XPool):
         if "key" not in text:
             raise KeyError(f"TMass.similarity needs the 'key' feature from TMass.encode_text, got {sorted(text)}")
 
-    def _chunk_similarity(self, t: Tensor, keys: Tensor, f: Tensor) -> Tensor:
-        """t (c, D), keys (c, 8), frames f (Nv, T, D) -> max over samples (c, Nv)."""
+    def prepare_video(self, video: Features) -> Features:
+        """Inference: X-Pool's frame keys / values plus the unit frames ``frames_unit`` (N_v, T, D)
+        of the radius' cosines; all depend only on the frames (computed once per evaluation / index)."""
+        out = super().prepare_video(video)
+        return {**out, "frames_unit": F.normalize(self._frames(video), dim=-1)}
+
+    def _chunk_similarity(self, t: Tensor, keys: Tensor, f: Tensor, kv: tuple[Tensor, Tensor],
+                          f_unit: Tensor) -> Tensor:
+        """t (c, D), keys (c, 8), frames f (Nv, T, D) with their K, V and unit frames -> (c, Nv)."""
         dt = torch.promote_types(t.dtype, torch.float32)                 # at least fp32 for the scores
-        pooled = self.pool(t, f)                                         # (c, Nv, D)
+        pooled = self.pool(t, f, kv)                                     # (c, Nv, D)
         tf = t.to(dt)                                                    # (c, D)
         v_hat = F.normalize(pooled.to(dt), dim=-1)                       # (c, Nv, D)
-        cos_tf = torch.einsum("cd,nkd->cnk", F.normalize(t, dim=-1),
-                              F.normalize(f, dim=-1))                    # (c, Nv, T)
+        cos_tf = torch.einsum("cd,nkd->cnk", F.normalize(t, dim=-1), f_unit)  # (c, Nv, T)
         R = self.radius(cos_tf).to(dt).expand_as(v_hat)                  # (c, Nv, D)
         eps = self.eval_noise(keys).to(t.device, dt)                     # (c, M, D)
         if self.cfg.keep_mean:
@@ -235,7 +242,10 @@ class TMass(XPool):
         t, f = self._check(text, video)                                  # (Nt, D), (Nv, T, D)
         self._check_text(text)
         c = self.cfg.sim_chunk
-        out = [self._chunk_similarity(t[s:s + c], text["key"][s:s + c], f) for s in range(0, t.shape[0], c)]
+        kv = self.frame_kv(video, f)                                     # once per call (or prepared)
+        f_unit = video["frames_unit"].to(f.dtype) if "frames_unit" in video else F.normalize(f, dim=-1)
+        out = [self._chunk_similarity(t[s:s + c], text["key"][s:s + c], f, kv, f_unit)
+               for s in range(0, t.shape[0], c)]
         return torch.cat(out) if out else t.new_zeros(0, f.shape[0])     # (Nt, Nv)
 
     # -- training ---------------------------------------------------------------------------------

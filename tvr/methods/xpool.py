@@ -29,6 +29,9 @@ Deviations from the official code:
 - the pooled tensor is laid out (N_t, N_v, D) (official: (N_v, N_t, D)); the scores are the same;
 - ``similarity`` processes the texts in chunks of ``sim_chunk`` so a block costs
   O(sim_chunk · N_v · D) memory (the official code pools all texts x all videos at once on the CPU);
+- inference computes the frames' keys and values K, V once per ``similarity`` call (the official
+  code once per call too; earlier versions here once per text chunk), and ``prepare_video`` adds
+  them to the video features so an evaluation or a search index computes them once in all;
 - the official ``attention_temperature`` argument is unused by its transformer pooling and is not
   exposed here.
 """
@@ -89,15 +92,21 @@ class TextConditionedPool(nn.Module):
             nn.init.eye_(lin.weight)
             nn.init.zeros_(lin.bias)
 
-    def forward(self, text: Tensor, frames: Tensor) -> Tensor:
-        """text (N_t, D), frames (N_v, T, D) -> v_{j|i} laid out (N_t, N_v, D)."""
+    def project_frames(self, frames: Tensor) -> tuple[Tensor, Tensor]:
+        """The text-independent part: frames (N_v, T, D) -> K, V (N_v, T, D) (before the head split)."""
+        f = self.ln1(frames)                                             # (Nv, T, D)
+        return self.k_proj(f), self.v_proj(f)
+
+    def forward(self, text: Tensor, frames: Tensor, kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """text (N_t, D), frames (N_v, T, D) -> v_{j|i} laid out (N_t, N_v, D). ``kv``: the frames'
+        keys and values from :meth:`project_frames`, when the caller already has them."""
         Nt, (Nv, T, D) = text.shape[0], frames.shape
         H, dh = self.num_heads, self.head_dim
         t = self.ln1(text)                                               # (Nt, D)
-        f = self.ln1(frames)                                             # (Nv, T, D)
+        k, v = self.project_frames(frames) if kv is None else kv         # (Nv, T, D) each
         q = self.q_proj(t).view(Nt, H, dh)                               # (Nt, H, dh)
-        k = self.k_proj(f).view(Nv, T, H, dh)                            # (Nv, T, H, dh)
-        v = self.v_proj(f).view(Nv, T, H, dh)                            # (Nv, T, H, dh)
+        k = k.reshape(Nv, T, H, dh)                                      # (Nv, T, H, dh)
+        v = v.reshape(Nv, T, H, dh)                                      # (Nv, T, H, dh)
         logits = torch.einsum("ihd,jkhd->ijhk", q, k) / math.sqrt(dh)    # (Nt, Nv, H, T)
         attn = logits.softmax(dim=-1)                                    # over frames
         z = torch.einsum("ijhk,jkhd->ijhd", attn, v).reshape(Nt, Nv, D)  # (Nt, Nv, D)
@@ -127,6 +136,13 @@ class XPool(nn.Module):
         cls, _ = self.backbone.encode_frames(frames)                     # (B, T, D)
         return {"frames": cls}
 
+    def _frames(self, video: Features) -> Tensor:
+        """The per-frame features (N_v, T, D) in the head's dtype."""
+        if "frames" not in video or video["frames"].ndim != 3:
+            raise ValueError(f"{type(self).__name__}: video features need 'frames' (N_v, T, D) from encode_video, "
+                             f"got {sorted(video)}")
+        return video["frames"].to(self.pool.ln1.weight.dtype)
+
     def _check(self, text: Features, video: Features) -> tuple[Tensor, Tensor]:
         for key, feats, where in (("text", text, "encode_text"), ("frames", video, "encode_video")):
             if key not in feats:
@@ -138,9 +154,23 @@ class XPool(nn.Module):
         dtype = self.pool.ln1.weight.dtype      # features stored as fp32 meet a bf16 / fp64 head
         return t.to(dtype), f.to(dtype)
 
+    def prepare_video(self, video: Features) -> Features:
+        """Inference: add the frames' keys and values ``frames_k``, ``frames_v`` (N_v, T, D), which
+        depend only on the frames, so an evaluation or a search index computes them once."""
+        f = self._frames(video)                                          # (Nv, T, D)
+        k, v = self.pool.project_frames(f)                               # (Nv, T, D) each
+        return {**video, "frames_k": k, "frames_v": v}
+
+    def frame_kv(self, video: Features, f: Tensor) -> tuple[Tensor, Tensor]:
+        """The frames' keys and values: prepared ones if present, else projected now (once per call)."""
+        if "frames_k" in video and "frames_v" in video:
+            return video["frames_k"].to(f.dtype), video["frames_v"].to(f.dtype)
+        return self.pool.project_frames(f)
+
     def similarity(self, text: Features, video: Features) -> Tensor:
         t, f = self._check(text, video)                                  # (Nt, D), (Nv, T, D)
-        out = [pair_cosine(tc, self.pool(tc, f))                         # (c, Nv) per chunk
+        kv = self.frame_kv(video, f)
+        out = [pair_cosine(tc, self.pool(tc, f, kv))                     # (c, Nv) per chunk
                for tc in t.split(self.cfg.sim_chunk)]
         return torch.cat(out) if out else t.new_zeros(0, f.shape[0])     # (Nt, Nv)
 

@@ -8,11 +8,12 @@ applied to the full final matrix (``tvr_platform.evaluation.evaluate``).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from tvr.methods.base import Features
+from tvr.methods.base import Features, prepare_video
 from tvr.metrics import Ranks, ranks_from_matrix, retrieval_metrics
 from tvr_platform.evaluation import evaluate
 
@@ -30,7 +31,9 @@ def evaluate_method(method: torch.nn.Module, text: Features, video: Features, te
         ranks = ranks_from_matrix(sims.float(), text_to_video, block=block, dsl_temp=100.0 if dsl else None)
         return retrieval_metrics(ranks), ranks
 
-    def model(mode: str, text_feats: Features, video_feats: Features) -> Tensor:
+    def model(mode: str, text_feats: Features | None = None, video_feats: Features | None = None) -> Any:
+        if mode == "prepare_video":
+            return prepare_video(method, video_feats)
         return method.similarity(text_feats, video_feats)
 
     return evaluate(model, text, video, text_to_video, block=block, dsl=dsl, sinkhorn_iters=sinkhorn_iters)

@@ -2,7 +2,9 @@
 
 - Exhaustive: the method's own ``similarity(text, video)`` against every indexed clip, in chunks of
   ``chunk`` clips. Text-conditioned methods (X-Pool, T-MASS) pool their stored per-frame features
-  for this query inside ``similarity``; nothing about the method is re-implemented here.
+  for this query inside ``similarity``; nothing about the method is re-implemented here. The
+  text-independent part of that pooling (the method's ``prepare_video``: the frames' keys and
+  values) is computed once per index, not per query.
 - Two-stage: a cheap coarse stage scores every clip by the cosine of global embeddings (the text
   embedding vs the clip's video embedding, per-frame features mean-pooled: a CLIP dual-encoder
   pass, one matrix product), keeps the ``candidates`` best, and the method's full similarity
@@ -20,9 +22,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from tvr.methods.base import Features
+from tvr.methods.base import Features, prepare_video
 from tvr_platform.report.core import global_text_embedding, global_video_embedding
 from tvr_platform.search.index import VideoIndex
+
+PREPARE_BYTES = 8 * 2**30
+"""Largest size of the prepared per-clip tensors (``prepare_video``) a Searcher keeps for its index."""
 
 
 @dataclass(frozen=True)
@@ -41,11 +46,14 @@ def _top(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
 class Searcher:
     """Search one index with the model that built it."""
 
-    def __init__(self, method: torch.nn.Module, index: VideoIndex, *, chunk: int = 4096):
+    def __init__(self, method: torch.nn.Module, index: VideoIndex, *, chunk: int = 4096,
+                 prepare_bytes: int = PREPARE_BYTES):
         self.method = method.eval()
         self.index = index
         self.chunk = chunk
+        self.prepare_bytes = prepare_bytes
         self._coarse_video: Tensor | None = None
+        self._video: Features | None = None
 
     # -- features ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -54,8 +62,26 @@ class Searcher:
             raise ValueError("search: every query must be a non-empty string")
         return self.method.encode_text(self.method.backbone.tokenize(queries))
 
+    @torch.no_grad()
+    def video_features(self) -> Features:
+        """The index's features plus the method's text-independent tensors (``prepare_video``, e.g.
+        X-Pool's frame keys / values), computed once per index when the added tensors fit in
+        ``prepare_bytes``; otherwise the stored features (``similarity`` then derives them per call)."""
+        if self._video is None:
+            feats, n = self.index.features, len(self.index)
+            first = prepare_video(self.method, {k: v[:self.chunk] for k, v in feats.items()})
+            added = {k for k in first if k not in feats}
+            per_row = sum(first[k][:1].numel() * first[k].element_size() for k in added)
+            if not added or per_row * n > self.prepare_bytes:
+                self._video = feats
+            else:
+                parts = [first] + [prepare_video(self.method, {k: v[s:s + self.chunk] for k, v in feats.items()})
+                                   for s in range(self.chunk, n, self.chunk)]
+                self._video = {**feats, **{k: torch.cat([p[k] for p in parts]) for k in added}}
+        return self._video
+
     def _video_rows(self, rows: Tensor | slice) -> Features:
-        return {k: v[rows] for k, v in self.index.features.items()}
+        return {k: v[rows] for k, v in self.video_features().items()}
 
     def coarse_video(self) -> Tensor:
         """(N, D) L2-normalised global clip embeddings, computed once per index."""

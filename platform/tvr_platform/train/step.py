@@ -12,7 +12,7 @@ from collections.abc import Callable
 from torch import Tensor, nn
 
 from tvr.losses import gather_features
-from tvr.methods.base import Features
+from tvr.methods.base import Features, prepare_video
 
 
 class RetrievalStep(nn.Module):
@@ -30,7 +30,8 @@ class RetrievalStep(nn.Module):
                 captions: Tensor | None = None, text_feats: Features | None = None,
                 video_feats: Features | None = None):
         """mode 'loss': frames (B,T,3,H,W) + text (B,L) -> loss dict over the global batch;
-        'text' -> text features; 'video' -> video features; 'similarity' -> (N_t, N_v) block."""
+        'text' -> text features; 'video' -> video features; 'similarity' -> (N_t, N_v) block;
+        'prepare_video' -> video features with the method's text-independent tensors added."""
         if mode == "loss":
             t = self.method.encode_text(text)
             v = self.method.encode_video(self._cast(frames), captions)
@@ -41,4 +42,6 @@ class RetrievalStep(nn.Module):
             return self.method.encode_video(self._cast(frames), captions)
         if mode == "similarity":
             return self.method.similarity(text_feats, video_feats)
-        raise ValueError(f"RetrievalStep: unknown mode {mode!r} (loss | text | video | similarity)")
+        if mode == "prepare_video":
+            return prepare_video(self.method, video_feats)
+        raise ValueError(f"RetrievalStep: unknown mode {mode!r} (loss | text | video | similarity | prepare_video)")
