@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tvr.sinkhorn import sinkhorn_log_potentials, sinkhorn_normalise
+from tvr.sinkhorn import sinkhorn_log_potentials, sinkhorn_log_potentials_reference, sinkhorn_normalise
 
 
 def reference_sk(S: torch.Tensor, n_iter: int, tau: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -119,3 +119,34 @@ def test_potentials_shapes_and_errors():
         sinkhorn_normalise(torch.zeros(2, 2), 2, temperature=0.0)
     with pytest.raises(ValueError, match="bank has 4 videos"):
         sinkhorn_normalise(torch.zeros(2, 3), 2, bank=torch.zeros(5, 4))
+
+
+@pytest.mark.parametrize("case", ["cosines", "text_offsets", "dead_video", "dead_text"])
+def test_fast_potentials_equal_log_space_reference_in_fp32(case):
+    """The mat-vec SK (per-row shifted kernel, log-space redo of underflowing sums) against the
+    straightforward log-space loop in float64: scores S' to 1e-6 in S units, fp32 input, τ = 0.01,
+    including matrices whose fp32 kernel has whole rows / columns below exp's range."""
+    g = torch.Generator().manual_seed(7)
+    S = torch.rand(37, 23, generator=g) * 0.8 - 0.3
+    if case == "text_offsets":
+        S = S - torch.rand(37, 1, generator=g) * 3.0            # up to 300 nats between texts
+    elif case == "dead_video":
+        S[:, 5] -= 1.5                                           # 150 nats below every text's best
+    elif case == "dead_text":
+        S[4] -= 2.0
+    tau = 0.01
+    for bank in (None, S + 0.01 * torch.randn(S.shape, generator=g)):
+        out = sinkhorn_normalise(S, 4, temperature=tau, bank=bank)
+        ref = sinkhorn_normalise(S.double(), 4, temperature=tau, bank=None if bank is None else bank.double())
+        la, lb = sinkhorn_log_potentials_reference((S if bank is None else bank).double() / tau, 4)
+        if bank is None:
+            ref2 = S.double() + tau * (la[:, None] + lb[None, :])
+        else:
+            ref2 = S.double() + tau * torch.log_softmax(lb, dim=0)[None, :]
+        assert out.dtype == torch.float32 and torch.isfinite(out).all()
+        torch.testing.assert_close(out.double(), ref2, rtol=0, atol=1e-6)
+        torch.testing.assert_close(ref, ref2, rtol=0, atol=1e-9)
+    la, lb = sinkhorn_log_potentials(S / tau, 4)
+    ra, rb = sinkhorn_log_potentials_reference(S.double() / tau, 4)
+    torch.testing.assert_close(la.double(), ra, rtol=1e-6, atol=1e-4)   # potentials of ~100 nats
+    torch.testing.assert_close(lb.double(), rb, rtol=1e-6, atol=1e-4)
