@@ -15,10 +15,28 @@ import os
 import sys
 from pathlib import Path
 
-from tvr_platform.config import ConfigError, load_job
 from tvr_platform.data.cli import add_prepare
 
+# Nothing heavy at import: ``tvr --help`` and argument errors must answer in well under a second, so
+# torch, open_clip, ray, mlflow and even the config tree (it imports the method table) load only
+# inside the command that needs them (tests/platform/test_cli.py checks sys.modules).
 REPO_JOBS = Path(__file__).resolve().parents[2] / "jobs"
+
+
+def load_job(spec, overrides=()):  # noqa: ANN001 - the config module is imported on first use
+    from tvr_platform.config import load_job as _load
+
+    return _load(spec, overrides)
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("tvr")
+    except PackageNotFoundError:
+        return "unknown"
 
 # Command groups that live with their subsystem; each module exposes add_subcommands(subparsers).
 COMMAND_GROUPS = (
@@ -39,20 +57,36 @@ def _quiet_env() -> None:
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from tvr_platform.recipes import METRIC_ORDER, ensure_synthetic, print_table, train
 
-    job = load_job(args.spec or REPO_JOBS / "quickstart.yaml", args.overrides)
+    job = _new_run(load_job(args.spec or REPO_JOBS / "quickstart.yaml", args.overrides), args)
     print(f"[tvr] 1/3 synthetic clips -> {job.dataset_uri}")
     ensure_synthetic(job)
     print(f"[tvr] 2/3 training {job.model.method} on {job.model.backbone.name} "
-          f"({job.train.num_workers} Ray Train workers, {job.train.strategy})")
+          f"({job.train.num_workers} Ray Train workers, {job.train.strategy}), run {job.run.name}")
     report = train(job, register=True)
-    print_table(f"Test split ({job.data.test_split}) after {job.train.epochs} epochs",
-                {k: report["metrics"][k] for k in METRIC_ORDER if k in report["metrics"]})
     reg = report.get("registered", {})
-    print(f"\n[tvr] 3/3 registered models:/{reg.get('name')}/{reg.get('version')} "
-          f"(alias {job.tracking.alias}: {'moved' if reg.get('promoted') else 'kept on the better version'})")
+    if report.get("already_complete"):
+        print(f"[tvr] run {job.run.name} is already complete: nothing trained or registered "
+              f"(train again: --new or run.name=...)")
+        print_table(f"Test split ({job.data.test_split}), recorded",
+                    {k: report["metrics"][k] for k in METRIC_ORDER if k in report["metrics"]})
+        print(f"\n[tvr] 3/3 registered earlier as models:/{reg.get('name')}/{reg.get('version')}")
+    else:
+        print_table(f"Test split ({job.data.test_split}) after {job.train.epochs} epochs",
+                    {k: report["metrics"][k] for k in METRIC_ORDER if k in report["metrics"]})
+        print(f"\n[tvr] 3/3 registered models:/{reg.get('name')}/{reg.get('version')} (alias "
+              f"{job.tracking.alias}: {'moved' if reg.get('promoted') else 'kept on the better version'})")
     print(f"[tvr] MLflow: {report['mlflow']}")
     print(f"[tvr] look at it: mlflow ui --backend-store-uri {job.tracking_uri}")
     return 0
+
+
+def _new_run(job, args: argparse.Namespace):
+    """``--new``: a fresh run name (``<run.name>-N``) instead of resuming ``run.name``."""
+    if getattr(args, "new", False):
+        from tvr_platform.runs import next_free_name
+
+        job.run.name = next_free_name(job)
+    return job
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -67,8 +101,11 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from tvr_platform.recipes import METRIC_ORDER, print_table, train
 
-    job = load_job(args.spec, args.overrides)
+    job = _new_run(load_job(args.spec, args.overrides), args)
     report = train(job)
+    if report.get("already_complete"):
+        print(f"[tvr] run {job.run.name} is already complete: nothing trained "
+              f"(train again: --new or run.name=...; more epochs: a larger train.epochs)")
     print_table(f"{job.run.name}: test split ({job.data.test_split})",
                 {k: report["metrics"][k] for k in METRIC_ORDER if k in report["metrics"]})
     print(f"[tvr] MLflow: {report['mlflow']}")
@@ -98,10 +135,15 @@ def _spec_command(sub, name: str, handler, help_text: str, spec_optional: bool =
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tvr", description="Text-video retrieval experiments on Ray + MLflow.")
+    parser.add_argument("--version", action="version", version=f"tvr {version()}")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show Ray's, MLflow's and the libraries' logs (default: a file under the work dir)")
     sub = parser.add_subparsers(dest="command", required=True)
-    _spec_command(sub, "quickstart", cmd_quickstart, "synthetic data -> train -> eval -> register",
-                  spec_optional=True)
-    _spec_command(sub, "train", cmd_train, "train a job spec with Ray Train")
+    for p in (_spec_command(sub, "quickstart", cmd_quickstart, "synthetic data -> train -> eval -> register",
+                            spec_optional=True),
+              _spec_command(sub, "train", cmd_train, "train a job spec with Ray Train")):
+        p.add_argument("--new", action="store_true",
+                       help="start a new run (<run.name>-N) instead of resuming run.name")
     p = sub.add_parser("eval", help="evaluate a job spec's model or a registered model")
     p.add_argument("target", help="job spec path or models:/name@alias")
     p.add_argument("overrides", nargs="*")
@@ -123,6 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     spec = getattr(args, "spec", None)
     if spec and "=" in spec and not spec.endswith((".yaml", ".yml")):  # optional spec omitted
         args.spec, args.overrides = None, [spec, *args.overrides]
+    from tvr_platform import logs
+    from tvr_platform.config import ConfigError
+
+    if not args.verbose:
+        logs.quiet()
     try:
         return args.func(args)
     except ConfigError as err:
@@ -131,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as err:
         print(f"tvr: {err}", file=sys.stderr)
         return 2
+    finally:
+        if logs.log_file() is not None:
+            print(f"[tvr] Ray / MLflow logs: {logs.log_file()} (tvr -v ... shows them here)")
+        logs.restore()
 
 
 if __name__ == "__main__":

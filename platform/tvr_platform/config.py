@@ -32,8 +32,9 @@ class ConfigError(ValueError):
 
 @dataclass(kw_only=True)
 class RunCfg:
-    name: str = "quickstart"
-    """Run name: rerunning the same name resumes its latest checkpoint."""
+    name: str = "run-{method}"
+    """Run name; ``{method}`` stands for model.method. Rerunning the same name resumes its latest
+    checkpoint, only when the spec's identity (method, backbone, frames, method section) matches."""
     work_dir: str = "./tvr-work"
     """Local directory for runs, caches and (by default) the MLflow store."""
     seed: int = 0
@@ -230,6 +231,7 @@ def load_job(spec: str | os.PathLike | None = None, overrides: list[str] | tuple
         where = " + ".join(w for w, _ in layers) or "defaults"
         raise _fail(where, err.__cause__ if isinstance(err.__cause__, ValueError) else err) from None
     assert isinstance(job, JobCfg)
+    job.run.name = job.run.name.replace("{method}", job.model.method)
     return anchor_local_paths(job)
 
 

@@ -16,6 +16,9 @@ from tvr_platform.config import JobCfg, load_job
 
 
 def print_table(title: str, rows: dict[str, Any]) -> None:
+    if not rows:
+        print(f"\n{title}: no metrics recorded")
+        return
     width = max(len(k) for k in rows)
     print(f"\n{title}\n" + "-" * (width + 14))
     for k, v in rows.items():
@@ -34,9 +37,17 @@ def ensure_synthetic(job: JobCfg) -> None:
 
 
 def train(job: JobCfg, *, register: bool | None = None) -> dict[str, Any]:
+    """Train ``job`` (resuming its run when it has the same identity), log the final metrics,
+    register when asked; a run that is already complete is reported, not retrained or re-registered."""
+    from tvr_platform import logs
     from tvr_platform.registry import promote, register_model
+    from tvr_platform.runs import COMPLETE_TAG, REGISTERED_TAG, check_resume, completed_report, is_complete
     from tvr_platform.train.trainer import run_training
 
+    existing = check_resume(job)  # raises RunMismatch (one line) before any Ray work
+    logs.attach(job.work_dir)
+    if existing is not None and is_complete(job, existing):
+        return completed_report(job, existing)
     t0 = time.time()
     result = run_training(job)
     wall = time.time() - t0
@@ -50,12 +61,15 @@ def train(job: JobCfg, *, register: bool | None = None) -> dict[str, Any]:
         if result.weights_path is None:
             raise RuntimeError("training finished without exported weights; nothing to register")
         name = name or f"tvr-{job.model.method}"
-        version = register_model(job, result.weights_path, tracker.run_id, name=name, metrics=metrics,
-                                 tags={"git_commit": tracker.client.get_run(tracker.run_id).data.tags.get(
-                                     "tvr.git_commit", "unknown")})
+        with logs.captured():  # MLflow prints "Successfully registered model ..." itself
+            version = register_model(job, result.weights_path, tracker.run_id, name=name, metrics=metrics,
+                                     tags={"git_commit": tracker.client.get_run(tracker.run_id).data.tags.get(
+                                         "tvr.git_commit", "unknown")})
         decision = promote(job.tracking_uri, name, version, champion=job.tracking.alias)
         report["registered"] = {"name": name, "version": version, **decision}
+        tracker.set_tags({REGISTERED_TAG: f"{name}/{version}"})
     tracker.log_dict(report, "report/train.json")
+    tracker.set_tags({COMPLETE_TAG: "true"})
     tracker.terminate("FINISHED")
     report["mlflow"] = tracker.url()
     return report

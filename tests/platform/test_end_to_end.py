@@ -19,13 +19,23 @@ def test_quickstart_runs_end_to_end_and_the_registered_model_reproduces(tmp_path
 
     overrides = tiny_overrides(tmp_path, **{"train.epochs": 2, "tracking.registered_model": "tiny-qs"})
     assert main(["quickstart", *overrides]) == 0
-    out = capsys.readouterr().out
+    cap = capsys.readouterr()
+    out = cap.out
+    # default verbosity: tvr's lines only (one per epoch from rank 0); Ray's / MLflow's go to a file
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert len(lines) <= 24, out
+    epochs = [line for line in lines if line.startswith("[tvr] epoch ")]
+    assert [e.split()[2] for e in epochs] == ["1/2", "2/2"], out
+    assert all(k in epochs[-1] for k in ("step 4", "loss", "val t2v_R1", "samples/s", "ETA")), epochs
+    assert not [line for line in cap.err.splitlines() if line.strip()], cap.err
+    (log,) = (tmp_path / "logs").glob("tvr-*.log")
+    assert "Failed to query Ray Train Controller" in log.read_text() or "RayTrainWorker" in log.read_text()
     assert "t2v_R1" in out and "mlflow ui --backend-store-uri sqlite:///" in out
 
     job = load_job(REPO_JOBS / "quickstart.yaml", overrides)
     client = MlflowClient(job.tracking_uri)
     exp = client.get_experiment_by_name(job.tracking.experiment)
-    (run,) = client.search_runs([exp.experiment_id], filter_string="tags.`tvr.run_name` = 'quickstart'")
+    (run,) = client.search_runs([exp.experiment_id], filter_string="tags.`tvr.run_name` = 'quickstart-meanp'")
     assert run.data.params["model.method"] == "meanp" and run.data.params["data.num_frames"] == "2"
     assert run.info.status == "FINISHED"
     for key in ("final/t2v_R1", "final/v2t_MnR", "val/t2v_R5", "train/loss", "perf/samples_per_s"):
@@ -35,6 +45,12 @@ def test_quickstart_runs_end_to_end_and_the_registered_model_reproduces(tmp_path
 
     version = client.get_model_version_by_alias("tiny-qs", "champion")
     assert version.tags["method"] == "meanp" and version.run_id == run.info.run_id
+
+    # a rerun of the complete run trains and registers nothing, and says so
+    assert main(["quickstart", *overrides]) == 0
+    out = capsys.readouterr().out
+    assert "already complete" in out and "registered earlier as models:/tiny-qs/1" in out
+    assert [v.version for v in client.search_model_versions("name='tiny-qs'")] in (["1"], [1])
 
     report = evaluate_model("models:/tiny-qs@champion", [f"run.work_dir={tmp_path}"], job.tracking_uri)
     for k, v in report["metrics"].items():

@@ -1,8 +1,16 @@
 """Text -> video search over a registered model: a resumable feature index built with Ray Data
-batch inference (:mod:`.index`), and exhaustive or two-stage (coarse -> rerank) search (:mod:`.engine`)."""
+batch inference (:mod:`.index`), and exhaustive or two-stage (coarse -> rerank) search (:mod:`.engine`).
 
-from tvr_platform.search.engine import Searcher, SearchHit, topk_overlap
-from tvr_platform.search.index import VideoIndex, build_index, default_index_uri, load_index
+The names below load their submodule on first use, so the CLI (which imports ``.cli``) stays cheap."""
 
-__all__ = ["SearchHit", "Searcher", "VideoIndex", "build_index", "default_index_uri", "load_index",
-           "topk_overlap"]
+from importlib import import_module
+
+_EXPORTS = {"Searcher": "engine", "SearchHit": "engine", "topk_overlap": "engine", "VideoIndex": "index",
+            "build_index": "index", "default_index_uri": "index", "load_index": "index"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

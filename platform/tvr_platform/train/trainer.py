@@ -34,9 +34,13 @@ def init_ray(job: JobCfg) -> None:
     import ray
     from ray.data import DataContext
 
+    from tvr_platform import logs
+
+    logs.attach(job.work_dir)  # without -v: Ray's own logs to <work_dir>/logs/, not the terminal
     # One line per epoch from the trainer is enough; Ray Data's per-operator bars interleave badly.
     DataContext.get_current().enable_progress_bars = False
     if ray.is_initialized():
+        logs.route_ray_worker_logs()
         return
     env = {**WORKER_ENV, **job.cluster.env_vars}
     if os.environ.get("DS_ACCELERATOR"):
@@ -50,6 +54,7 @@ def init_ray(job: JobCfg) -> None:
         ray.init(address=job.cluster.address, **kwargs)
     else:
         ray.init(num_cpus=job.cluster.num_cpus, include_dashboard=False, **kwargs)
+    logs.route_ray_worker_logs()
 
 
 def run_storage(job: JobCfg, folder: str = "runs"):

@@ -132,7 +132,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     fail_at = config.get("fail_at_step")  # test hook: raise once in rank 1 to exercise FailureConfig
 
     # -- epochs -------------------------------------------------------------------------------
+    t_run = time.perf_counter()
     for epoch in range(start_epoch, job.train.epochs):
+        t_epoch = time.perf_counter()
         strategy.train(True)
         shard = ray.train.get_dataset_shard("train")
         losses: list[float] = []
@@ -187,6 +189,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if tracker:
             tracker.log_metrics({f"val/{k}" if k.startswith(("t2v_", "v2t_")) else k: v
                                  for k, v in metrics.items()}, step=global_step)
+        if rank == 0:
+            print(epoch_line(epoch, job.train.epochs, global_step, metrics, len(losses) * job.data.batch_size
+                             * world_size / max(time.perf_counter() - t_epoch, 1e-9),
+                             (time.perf_counter() - t_run) / (epoch + 1 - start_epoch)), flush=True)
 
         # -- checkpoint + report (a collective in Ray Train V2) ---------------------------------
         # Ray uploads the directory to the run's storage during report; in local mode
@@ -210,6 +216,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if probe is not None and epoch == probe:
             report_probe(tracker, probe_step(strategy, module, device, job), global_step)
             return
+
+
+def epoch_line(epoch: int, epochs: int, step: int, metrics: dict[str, Any], samples_per_s: float,
+               epoch_s: float) -> str:
+    """The one line per epoch rank 0 prints (the CLI shows ``[tvr]`` lines, Ray's go to a file)."""
+    left = int(round(epoch_s * (epochs - epoch - 1)))
+    val = f"  val t2v_R1 {metrics['t2v_R1']:.1f}" if "t2v_R1" in metrics else ""
+    return (f"[tvr] epoch {epoch + 1}/{epochs}  step {step}  loss {metrics['train_loss']:.4f}{val}  "
+            f"{samples_per_s:.1f} samples/s  ETA {left // 60}m{left % 60:02d}s")
 
 
 def report_probe(tracker, loss: float, step: int) -> None:

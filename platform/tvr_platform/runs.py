@@ -1,0 +1,120 @@
+"""Run identity: a rerun of ``run.name`` resumes that run only when it is the same model.
+
+A run's *identity* is what its checkpoints' shapes and meaning depend on: ``model.method``, the
+backbone (name, pretrained reference), ``data.num_frames`` and the chosen method's own section. The
+first start of a run logs them as MLflow params; a later ``tvr train`` / ``tvr quickstart`` with the
+same ``run.name`` compares them before any Ray work and stops with one line naming the existing run
+and the two ways on (resume with its spec, or a new ``run.name`` / ``--new``) when they differ —
+instead of loading a T-MASS checkpoint into a meanP model. A run that finished all its epochs is
+tagged ``tvr.complete``; rerunning it trains and registers nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tvr_platform.config import ConfigError, JobCfg, flatten
+from tvr_platform.tracking import RUN_NAME_TAG
+
+COMPLETE_TAG = "tvr.complete"          # "true" once every epoch ran and the final report was logged
+REGISTERED_TAG = "tvr.registered"      # "name/version" registered from this run
+
+
+IDENTITY_KEYS = ("model.method", "model.backbone.name", "model.backbone.pretrained", "data.num_frames")
+
+
+class RunMismatch(ConfigError):
+    """``run.name`` names an existing run whose identity differs from this spec."""
+
+
+def identity(job: JobCfg) -> dict[str, str]:
+    """The params that must match for a resume, as MLflow stores them (strings)."""
+    section = f"model.{job.model.method}."
+    return {k: str(v) for k, v in flatten(job).items() if k in IDENTITY_KEYS or k.startswith(section)}
+
+
+def find_run(job: JobCfg, name: str | None = None) -> Any | None:
+    """The latest MLflow run named ``name`` (default run.name) in the job's experiment, or None.
+    Reads only: nothing is created when the store or experiment does not exist yet."""
+    from mlflow.tracking import MlflowClient
+
+    if not _store_exists(job.tracking_uri):
+        return None
+    client = MlflowClient(job.tracking_uri)
+    exp = client.get_experiment_by_name(job.tracking.experiment)
+    if exp is None:
+        return None
+    found = client.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{name or job.run.name}'",
+                               max_results=1, order_by=["attributes.start_time DESC"])
+    return found[0] if found else None
+
+
+def _store_exists(tracking_uri: str) -> bool:
+    from pathlib import Path
+
+    if tracking_uri.startswith("sqlite:///"):
+        return Path(tracking_uri[len("sqlite:///"):]).exists()
+    return True
+
+
+def differences(job: JobCfg, run: Any) -> dict[str, tuple[str, str]]:
+    """key -> (existing run's value, this spec's value) for every identity key that differs."""
+    params = run.data.params
+    mine = identity(job)
+    theirs = {k: v for k, v in params.items()
+              if k in IDENTITY_KEYS or k.startswith(f"model.{params.get('model.method')}.")}
+    keys = sorted(set(mine) | set(theirs))
+    return {k: (theirs.get(k, "-"), mine.get(k, "-")) for k in keys if theirs.get(k) != mine.get(k)}
+
+
+def check_resume(job: JobCfg) -> Any | None:
+    """Before a (re)start of ``run.name``: the existing run when it has the same identity (None when
+    there is none); raise :class:`RunMismatch` with one line when it is a different model."""
+    run = find_run(job)
+    if run is None:
+        return None
+    diff = differences(job, run)
+    if diff:
+        shown = ", ".join(f"{k}={old} (this spec: {new})" for k, (old, new) in list(diff.items())[:4])
+        raise RunMismatch(
+            f"run.name={job.run.name} already exists as a different model ({shown}; MLflow run "
+            f"{run.info.run_id}, {run.info.status}). Resume it with its spec "
+            f"({', '.join(f'{k}={old}' for k, (old, _) in list(diff.items())[:2])}), or start a new run "
+            f"with run.name={next_free_name(job)} or --new")
+    return run
+
+
+def completed_report(job: JobCfg, run: Any) -> dict[str, Any]:
+    """What ``recipes.train`` returns for a run that is already complete (read from MLflow)."""
+    from tvr_platform.tracking import Tracker
+
+    metrics = {k.removeprefix("final/"): v for k, v in run.data.metrics.items()
+               if k.startswith("final/") and k != "final/wall_s"}
+    report: dict[str, Any] = {"run": job.run.name, "method": job.model.method, "metrics": metrics,
+                              "already_complete": True,
+                              "mlflow": Tracker(job.tracking_uri, run.info.run_id).url()}
+    registered = run.data.tags.get(REGISTERED_TAG)
+    if registered:
+        name, version = registered.rsplit("/", 1)
+        report["registered"] = {"name": name, "version": version}
+    return report
+
+
+def is_complete(job: JobCfg, run: Any) -> bool:
+    """The run ran all of this spec's epochs (a larger train.epochs continues it instead)."""
+    return (run.data.tags.get(COMPLETE_TAG) == "true"
+            and run.data.params.get("train.epochs") == str(job.train.epochs))
+
+
+def next_free_name(job: JobCfg) -> str:
+    """``<run.name>-2``, ``-3``, ...: the first name that neither an MLflow run of the experiment nor
+    a local run folder (checkpoints) carries."""
+    from pathlib import Path
+
+    base = job.run.name
+    for i in range(2, 10_000):
+        name = f"{base}-{i}"
+        local = "://" not in job.storage_uri and (Path(job.storage_uri) / "runs" / name).exists()
+        if not local and find_run(job, name) is None:
+            return name
+    raise ConfigError(f"run.name={base}: no free '-N' suffix below 10000; pick a run.name")

@@ -1,0 +1,146 @@
+"""The command line itself: cheap to start, run identity on resume, one-line errors (no Ray here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+HEAVY = ("torch", "open_clip", "ray", "mlflow", "deepspeed", "omegaconf", "tvr.methods", "numpy")
+
+
+def _python(code: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "platform")])}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=120, cwd=cwd)
+
+
+def test_cli_help_and_argument_errors_import_nothing_heavy():
+    """`tvr --help`, `tvr --version` and an argument error answer without torch/open_clip/ray/mlflow."""
+    code = f"""
+import contextlib, io, json, sys
+from tvr_platform.cli import main
+out = {{}}
+for argv in (["--help"], ["--version"], ["train"], ["search"], ["eval", "--help"], ["submit", "--help"],
+             ["tune", "--help"], ["bench", "methods", "--help"], ["data", "check", "--help"]):
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        try:
+            main(argv)
+        except SystemExit as e:
+            out[" ".join(argv)] = [e.code, buf.getvalue()[:200]]
+print(json.dumps({{"out": out, "heavy": [m for m in {HEAVY!r} if m in sys.modules]}}))
+"""
+    res = _python(code)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["heavy"] == []
+    assert got["out"]["--help"][0] == 0 and "quickstart" in got["out"]["--help"][1]
+    assert got["out"]["--version"] == [0, "tvr 0.1.0\n"]
+    assert got["out"]["train"][0] == 2 and "required" in got["out"]["train"][1]
+    assert all(code == 0 for argv, (code, _) in got["out"].items() if argv.endswith("--help"))
+
+
+# -- run identity -----------------------------------------------------------------------------
+
+def _job(tmp_path: Path, *overrides: str):
+    from tvr_platform.config import load_job
+
+    return load_job(ROOT / "jobs" / "train.yaml", [f"run.work_dir={tmp_path}", *overrides])
+
+
+def test_default_run_names_carry_the_method(tmp_path):
+    assert _job(tmp_path).run.name == "train-meanp"
+    assert _job(tmp_path, "model.method=tmass").run.name == "train-tmass"
+    assert _job(tmp_path, "run.name=mine").run.name == "mine"
+
+
+def test_resume_only_into_a_run_with_the_same_identity(tmp_path):
+    from tvr_platform.runs import COMPLETE_TAG, RunMismatch, check_resume, is_complete, next_free_name
+    from tvr_platform.tracking import start_run
+
+    tmass = _job(tmp_path, "model.method=tmass", "run.name=shared")
+    assert check_resume(tmass) is None
+    assert not (tmp_path / "mlflow.db").exists()  # looking for a run creates no store
+    tracker = start_run(tmass)
+    tracker.terminate("FAILED")
+    assert check_resume(tmass).info.run_id == tracker.run_id   # same spec: resume
+
+    meanp = _job(tmp_path, "run.name=shared")
+    with pytest.raises(RunMismatch) as err:
+        check_resume(meanp)
+    msg = str(err.value)
+    assert "\n" not in msg and "model.method=tmass (this spec: meanp)" in msg
+    assert tracker.run_id in msg and "run.name=shared-2" in msg and "--new" in msg
+    # a shape of the method (its own section) differs too
+    with pytest.raises(RunMismatch, match="model.tmass.num_frames"):
+        check_resume(_job(tmp_path, "model.method=tmass", "run.name=shared", "data.num_frames=4",
+                          "model.tmass.num_frames=4"))
+    with pytest.raises(RunMismatch, match="model.backbone.name"):
+        check_resume(_job(tmp_path, "model.method=tmass", "run.name=shared", "model.backbone.name=tvr-tiny"))
+
+    run = check_resume(tmass)
+    assert not is_complete(tmass, run)
+    tracker.set_tags({COMPLETE_TAG: "true"})
+    run = check_resume(tmass)
+    assert is_complete(tmass, run)
+    more = _job(tmp_path, "model.method=tmass", "run.name=shared", "train.epochs=9")
+    assert not is_complete(more, check_resume(more))  # more epochs continue the run
+    assert next_free_name(meanp) == "shared-2"
+    start_run(_job(tmp_path, "run.name=shared-2")).terminate()
+    assert next_free_name(meanp) == "shared-3"
+
+
+def test_train_on_a_different_model_is_one_line_and_leaves_nothing_running(tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from tvr_platform.cli import main
+    from tvr_platform.tracking import start_run
+
+    job = _job(tmp_path, "model.method=tmass", "run.name=train-meanp")
+    start_run(job).terminate("FINISHED")
+    capsys.readouterr()
+    rc = main(["train", str(ROOT / "jobs" / "train.yaml"), f"run.work_dir={tmp_path}", "run.name=train-meanp"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "already exists as a different model" in err
+    client = MlflowClient(job.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("train").experiment_id])
+    assert [r.info.status for r in runs] == ["FINISHED"]
+
+
+# -- tvr data check -----------------------------------------------------------------------------
+
+def test_data_check_counts_a_msrvtt_folder_and_names_what_is_missing(tmp_path, capsys):
+    from tvr_platform.cli import main
+
+    rows = ["key,vid_key,video_id,sentence", "ret0,msr9770,video9770,a person is connecting something",
+            "ret1,msr9771,video9771,a little girl does gymnastics", "ret2,msr9772,video9772,a man sings"]
+    (tmp_path / "MSRVTT_JSFUSION_test.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "videos").mkdir()
+    for v in ("video9770", "video9771"):
+        (tmp_path / "videos" / f"{v}.mp4").write_bytes(b"")
+    assert main(["data", "check", str(tmp_path), "--split", "test", "--json"]) == 1  # one video missing
+    out = capsys.readouterr().out.splitlines()
+    assert "3 clips" in out[0] and "3 captions" in out[0] and "2 video files found" in out[0]
+    assert json.loads(out[1]) == [{"split": "test", "videos": 3, "captions": 3, "found": 2, "missing": 1,
+                                   "dropped": 0, "videos_uri": str(tmp_path / "videos")}]
+    assert "no video file" in out[2]
+    (tmp_path / "videos" / "video9772.mp4").write_bytes(b"")
+    assert main(["data", "check", str(tmp_path)]) == 0  # train splits unreadable (no JSON): reported only
+    out = capsys.readouterr().out
+    assert "train     not readable: " in out and "MSRVTT_data.json" in out
+    assert main(["data", "check", str(tmp_path), "--split", "train"]) == 1  # asked for it: a failure
+
+
+@pytest.mark.skipif(not Path("/work/shared/datasets/msrvtt/MSRVTT_JSFUSION_test.csv").exists(),
+                    reason="the MSR-VTT annotation CSVs are not on this machine")
+def test_data_check_reads_the_real_jsfusion_test_split():
+    from tvr_platform.data.cli import check_dataset
+
+    (test,) = check_dataset("/work/shared/datasets/msrvtt", "msrvtt", ["test"])
+    assert (test["videos"], test["captions"], test["dropped"]) == (1000, 1000, 0)
