@@ -66,3 +66,18 @@ def ray_local():
                                            "DS_ACCELERATOR": "cpu"}})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def vit_b32_checkpoint(tmp_path_factory):
+    """A real-size ViT-B/32 with random weights (QuickGELU, as OpenAI's) saved as an open_clip
+    checkpoint: yields (path, state_dict). Written once per session (fp32, ~600 MB on disk)."""
+    import open_clip
+    import torch
+
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-32", force_quick_gelu=True)
+    state = model.state_dict()
+    path = tmp_path_factory.mktemp("vit_b32") / "ViT-B-32-random.pt"
+    torch.save(state, path)
+    return path, state
