@@ -59,7 +59,10 @@ class BackboneCfg:
 
     def __post_init__(self) -> None:
         # The activation check reads open_clip's configs only (no weights, no network).
-        if not self.name.startswith(SCHEMAS) and self.name in _known_models():
+        # An unknown tag is reported when the model is built (the spec may name a tag of a newer open_clip).
+        known = not self.pretrained or is_checkpoint_file(self.pretrained) or \
+            self.pretrained in open_clip.list_pretrained_tags_by_model(self.name)
+        if not self.name.startswith(SCHEMAS) and self.name in _known_models() and known:
             resolve_quick_gelu(self.name, self.pretrained, self.quick_gelu)
 
 

@@ -61,11 +61,17 @@ def test_openai_tag_loads_real_vit_b32_weights_with_quick_gelu(monkeypatch, vit_
     ("ViT-B-32", "openai", False, "quick_gelu=False contradicts pretrained='openai'"),
     ("ViT-L-14", "laion2b_s32b_b82k", True, "trained with GELU"),
     ("ViT-B-32-quickgelu", None, False, "is a QuickGELU config"),
-    ("ViT-B-32", "no-such-tag", None, "neither a checkpoint file nor an open_clip tag"),
 ])
 def test_forced_activation_mismatch_is_one_clear_error(name, pretrained, quick_gelu, match):
     with pytest.raises(ValueError, match=match):
         BackboneCfg(name=name, pretrained=pretrained, quick_gelu=quick_gelu)
+    with pytest.raises(ValueError, match=match):
+        create_clip(name, pretrained, quick_gelu=quick_gelu, device="meta")
+
+
+def test_unknown_tag_is_one_clear_error_at_build():
+    with pytest.raises(ValueError, match="neither a checkpoint file nor an open_clip tag of ViT-B-32"):
+        create_clip("ViT-B-32", "no-such-tag", device="meta")
 
 
 def test_mismatch_reaches_the_job_loader_as_one_line():
