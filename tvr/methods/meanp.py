@@ -1,8 +1,17 @@
 """CLIP4Clip mean pooling ("meanP"), Luo et al. 2021, github.com/ArrowLuo/CLIP4Clip.
 
-    v = (1/T) Σ_t f_t            f_t: CLIP CLS feature of frame t, (B, T, D) -> (B, D)
-    s(t, v) = cos(t, v)          t: CLIP EOS sentence feature
+    v = norm( (1/T) Σ_t f_t / ‖f_t‖ )      f_t: CLIP CLS feature of frame t, (B, T, D) -> (B, D)
+    s(t, v) = cos(t, v)                     t: CLIP EOS sentence feature
     L = symmetric InfoNCE with CLIP's learnable temperature
+
+The frame features are L2-normalised *before* the mean and the mean normalised again, exactly as
+the official ``CLIP4Clip._loose_similarity`` (``sim_header="meanP"``: ``visual_output /= norm``,
+``_mean_pooling_for_similarity_visual``, ``/= norm``); a mean of raw features weights frames by
+their norms and differs whenever those norms differ.
+
+Deviations from the official code: no frame padding mask (the platform always samples T real
+frames, so the official masked mean equals the plain mean); the logit scale is clamped at 100
+inside :func:`tvr.losses.clip_logits` (CLIP4Clip does not clamp).
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ class MeanP(nn.Module):
 
     def encode_video(self, frames: Tensor, captions: Tensor | None = None) -> Features:
         cls, _ = self.backbone.encode_frames(frames)                     # (B, T, D)
-        return {"video": cls.mean(dim=1)}                                # (B, D)
+        return {"video": F.normalize(F.normalize(cls, dim=-1).mean(dim=1), dim=-1)}  # (B, D)
 
     def similarity(self, text: Features, video: Features) -> Tensor:
         t = F.normalize(text["text"], dim=-1)                            # (Nt, D)
