@@ -9,6 +9,7 @@ import json
 import logging
 import pickle
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -41,11 +42,19 @@ def ok(content, prompt_tokens=100, completion_tokens=20):
 
 
 class FakeChatServer:
-    """chat.completions on 127.0.0.1: replies come from a script, requests are recorded."""
+    """chat.completions on 127.0.0.1 (a real HTTP server in a thread): replies come from a script,
+    else from ``responder(body)``, else a default; requests, their start times and the most
+    requests ever in flight at once are recorded. A script entry may carry a 4th item: seconds to
+    wait before answering (a slow server, for timeouts)."""
 
     def __init__(self):
-        self.script: list[tuple[int, object, dict]] = []
+        self.script: list[tuple] = []
+        self.responder = None
+        self.delay = 0.0
         self.requests: list[dict] = []
+        self.starts: list[float] = []
+        self.inflight = self.max_inflight = 0
+        self.lock = threading.Lock()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -54,18 +63,34 @@ class FakeChatServer:
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                server.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
-                status, payload, headers = server.script.pop(0) if server.script else ok('["default caption"]')
-                data = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                with server.lock:
+                    server.inflight += 1
+                    server.max_inflight = max(server.max_inflight, server.inflight)
+                    server.starts.append(time.monotonic())
+                    server.requests.append({"path": self.path, "auth": self.headers.get("Authorization"),
+                                            "body": body})
+                    entry = server.script.pop(0) if server.script else None
+                try:
+                    if entry is None:
+                        entry = server.responder(body) if server.responder else ok('["default caption"]')
+                    status, payload, headers = entry[:3]
+                    time.sleep(entry[3] if len(entry) > 3 else server.delay)
+                    data = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    for k, v in headers.items():
+                        self.send_header(k, v)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass                                  # the client timed out and went away
+                finally:
+                    with server.lock:
+                        server.inflight -= 1
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
         self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
                                        daemon=True)
@@ -105,10 +130,13 @@ def test_captions_config_validation_and_overrides(tmp_path):
                           "captions.api_key_env=MY_KEY", "captions.splits=[train]"])
     assert (job.captions.max_rounds, job.captions.backend, job.captions.splits) == (2, "openai", ["train"])
     assert job.captions.captions_per_video == 10 and job.captions.max_caption_tokens == 70
+    paper = CaptionsCfg()                           # the paper's stop rule, a ~400-iteration budget
+    assert (paper.patience, paper.max_rounds, paper.candidates_per_round) == (1, 400, 1)
     with pytest.raises(ConfigError, match="api_key_env"):
         load_job(None, ["captions.api_key_env=sk-abc=def"])
     for bad in ({"backend": "gpt"}, {"max_caption_tokens": 100}, {"output_name": "../x"},
-                {"api_base_url": "ftp://x"}, {"cost_budget": 1.0}, {"patience": 0}):
+                {"api_base_url": "ftp://x"}, {"cost_budget": 1.0}, {"patience": 0}, {"requests_in_flight": 0},
+                {"requests_per_minute": -1}, {"candidates_per_round": 0}):
         with pytest.raises(ValueError):
             CaptionsCfg(**bad)
 
@@ -204,6 +232,109 @@ def test_prompt_engineer_rewrites_with_examples_and_validates(server, sleeps):
     text = server.requests[-1]["body"]["messages"][-1]["content"]
     assert "a man cooks pasta" in text and "a kitchen | food" in text and "[0.6000]" in text
     assert eng.client.usage.malformed == 1
+
+
+def _image_tag(body) -> str:
+    """A short tag of the first image of a captioning request (which video it is)."""
+    import hashlib
+
+    user = body["messages"][-1]["content"]
+    url = next(p["image_url"]["url"] for p in user if isinstance(p, dict) and p.get("type") == "image_url")
+    return hashlib.sha256(url.encode()).hexdigest()[:8]
+
+
+def test_requests_run_concurrently_within_the_limit_and_keep_video_order(server, sleeps):
+    server.delay = 0.15
+    server.responder = lambda body: ok(json.dumps([f"video {_image_tag(body)}", "second caption"]))
+    c = client(server, sleeps)
+    cap = OpenAICaptioner(c, mean=MEAN, std=STD, concurrency=3)
+    fr = frames(b=7, seed=3)
+    t0 = time.monotonic()
+    out = cap.caption(fr, "p", 2)
+    took = time.monotonic() - t0
+    assert server.max_inflight == 3 and len(server.requests) == 7        # 3 at once, never more
+    assert took < 7 * 0.15                                               # faster than one at a time
+    import hashlib
+
+    from tvr_platform.captions.openai_backend import frames_to_jpeg_urls
+    for b in range(7):                                                   # answers land on their own video
+        url = frames_to_jpeg_urls(fr[b], MEAN, STD, 4, 85)[0]
+        assert out[b] == [f"video {hashlib.sha256(url.encode()).hexdigest()[:8]}", "second caption"]
+    assert c.usage.requests == 7 and c.usage.prompt_tokens == 700
+
+
+def test_rate_limit_spaces_request_starts(server, sleeps):
+    from tvr_platform.captions.openai_backend import RateLimiter
+
+    now, waits = [0.0], []
+    rl = RateLimiter(120, clock=lambda: now[0], sleep=waits.append)     # one start every 0.5 s
+    assert [rl.wait() for _ in range(3)] == [0.0, 0.5, 1.0] and waits == [0.5, 1.0]
+    now[0] = 10.0
+    assert rl.wait() == 0.0 and RateLimiter(0).wait() == 0.0             # idle long enough / no limit
+    c = client(server, sleeps, rate_limiter=RateLimiter(600))            # real clock: >= 0.1 s apart
+    OpenAICaptioner(c, mean=MEAN, std=STD, concurrency=4).caption(frames(b=4), "p", 1)
+    gaps = [b - a for a, b in zip(server.starts, server.starts[1:])]
+    assert len(server.starts) == 4 and min(gaps) >= 0.08
+
+
+def test_timeouts_are_retried(server, sleeps):
+    server.script = [(*ok('["too late"]'), 1.5), ok('["in time", "also in time"]')]
+    c = ChatClient(base_url=server.url, model="m", api_key_env="TVR_TEST_LLM_KEY", timeout=0.3, max_retries=2,
+                   backoff_base=0.5, sleep=sleeps.append)
+    out = OpenAICaptioner(c, mean=MEAN, std=STD).caption(frames(b=1), "p", 2)
+    assert out == [["in time", "also in time"]]
+    assert c.usage.retries == 1 and len(sleeps) == 1 and len(server.requests) == 2
+
+
+def test_progress_reports_done_spend_and_eta():
+    from tvr_platform.captions.openai_backend import Progress
+
+    now, lines = [100.0], []
+    budget = LocalBudget(price_input_per_mtok=2.0, price_output_per_mtok=4.0)
+    p = Progress(10, label="captions", budget=budget, every_s=5.0, clock=lambda: now[0], emit=lines.append)
+    assert p.eta_s() is None
+    now[0] = 104.0
+    budget.spend(1000, 500)
+    p.advance(2)                                                         # first line right away
+    assert lines == ["captions: 2/10 videos (20%), 1500 tokens, cost 0.0040, ETA 16s"]
+    now[0] = 106.0
+    p.advance(1)                                                         # 2 s later: not yet
+    assert len(lines) == 1
+    now[0] = 110.0
+    p.advance(7)                                                         # done: always a last line
+    assert lines[-1].startswith("captions: 10/10 videos (100%)") and lines[-1].endswith("ETA 0s")
+
+
+def test_csi_budget_stops_the_loop_and_a_rerun_resumes_without_paying_twice(tmp_path, server):
+    """Captioner + engineer against the local server under one token budget; the spent run stops
+    with 'budget', the rerun replays every paid reply from the cache and only pays for new ones."""
+    from tvr_platform.captions.csi import run_csi
+
+    versions = iter(range(100))
+
+    def respond(body):
+        user = body["messages"][-1]["content"]
+        if isinstance(user, list):                                       # captioning: images attached
+            tag = _image_tag(body)
+            return ok(json.dumps([f"a clip {tag}", f"shot {tag} again", "a video"]), 100, 20)
+        return ok(f"Generate 3 captions about the objects, version {next(versions)}.", 100, 20)
+
+    server.responder = respond
+    ov = [f"run.work_dir={tmp_path}", "captions.backend=openai", "captions.engineer=openai",
+          f"captions.api_base_url={server.url}", "captions.api_key_env=TVR_TEST_LLM_KEY",
+          "captions.captions_per_video=3", "captions.max_rounds=3", "captions.patience=3",
+          "captions.backoff_base=0", "captions.requests_in_flight=2"]
+    first = run_csi(load_job(None, [*ov, "captions.token_budget=600"]), samples=samples(4), track=False)
+    # round 0: 4 captions (480 tokens); round 1: the engineer (600: spent), its candidate gets no captions
+    assert (first["stop_reason"], first["rounds"]) == ("budget", 1)
+    assert len(server.requests) == 5 and first["budget"]["prompt_tokens"] == 500
+    paid = [json.dumps(r["body"], sort_keys=True) for r in server.requests]
+    second = run_csi(load_job(None, ov), samples=samples(4), track=False)
+    assert second["stop_reason"] != "budget" and second["rounds"] == 3
+    assert second["usage"]["captioner"]["cached"] == 4 and second["usage"]["engineer"]["cached"] == 1
+    again = [json.dumps(r["body"], sort_keys=True) for r in server.requests[5:]]
+    assert not set(again) & set(paid)                                    # nothing paid for twice
+    assert len(again) == second["usage"]["captioner"]["requests"] + second["usage"]["engineer"]["requests"]
 
 
 # -- CSI driver with MLflow -------------------------------------------------------------------------
@@ -304,6 +435,12 @@ def test_add_subcommands_registers_improve_and_generate():
     assert parser.parse_args(["captions", "generate", "j.yaml"]).func is cmd_generate
     with pytest.raises(SystemExit):
         parser.parse_args(["captions", "bogus", "j.yaml"])
+    sub = next(a for a in parser._subparsers._actions if isinstance(a, argparse._SubParsersAction))
+    captions = sub.choices["captions"]
+    improve = next(a for a in captions._actions if isinstance(a, argparse._SubParsersAction)).choices["improve"]
+    for p in (captions, improve):              # the offline defaults are labelled as stand-ins
+        text = p.format_help()
+        assert "STAND-INS" in text and "retrieval" in text and "rules" in text and "vLLM" in text
 
 
 # -- corpus captioning --------------------------------------------------------------------------------
@@ -314,7 +451,8 @@ def test_caption_worker_openai_path_writes_a_part_in_process(tmp_path, server):
     server.script = [ok('["w one", "w two"]'), ok("nonsense"), ok("nonsense"), ok("nonsense")]
     job = load_job(None, [f"run.work_dir={tmp_path}", "captions.backend=openai", f"captions.api_base_url={server.url}",
                           "captions.api_key_env=TVR_TEST_LLM_KEY", "captions.max_retries=2",
-                          "captions.backoff_base=0", "captions.captions_per_video=2"])
+                          "captions.backoff_base=0", "captions.captions_per_video=2",
+                          "captions.requests_in_flight=1"])                # scripted replies in video order
     w = CaptionWorker(job=job_to_dict(job), prompt="P", video_ids=["a", "b", "c"], splits=["s"] * 3, bank=None,
                       ledger=None)
     stats = w({"video_index": np.array([0, 2]), "frames": frames(b=2).numpy()})
@@ -511,7 +649,8 @@ def test_openai_corpus_job_budget_malformed_and_resume_under_ray(tmp_path, serve
     ov = [f"run.work_dir={tmp_path}", "captions.backend=openai", f"captions.api_base_url={server.url}",
           "captions.api_key_env=TVR_TEST_LLM_KEY", "captions.api_model=test-vlm", "captions.max_retries=1",
           "captions.backoff_base=0", "captions.captions_per_video=2", "captions.concurrency=1",
-          "captions.batch_size=3", "captions.prompt=Describe it."]
+          "captions.batch_size=3", "captions.prompt=Describe it.",
+          "captions.requests_in_flight=1"]      # one request at a time: the budget cut is exact
     ids = [f"v{i}" for i in range(6)]
     g = np.random.default_rng(0)
     rows = [{"video_index": i, "frames": g.standard_normal((2, 3, 16, 16)).astype(np.float32)} for i in range(6)]

@@ -144,6 +144,44 @@ def test_loop_stops_at_max_rounds_and_caps_the_pool():
     assert res.stop_reason == "patience" and res.rounds == 2 and res.best.prompt == "start"
 
 
+def test_papers_stop_rule_is_the_default_and_400_rounds_are_reachable():
+    """Defaults: stop at the first round in which no new candidate enters the pool (patience 1);
+    the iteration cap (400, the paper's convergence point) is reached by a loop that keeps improving."""
+    import inspect
+
+    params = inspect.signature(self_improve).parameters
+    assert params["patience"].default == 1 and params["max_rounds"].default == 400
+    scores = {"start": 0.0, "P1": 0.5, "P2": 0.4, "P3": 0.9}
+    evaluate, calls = scripted_eval(scores)
+    res = self_improve([], captioner=None, engineer=ScriptedEngineer(["P1", "P2", "P3"]), extractor=None,
+                       initial="start", evaluate=evaluate)
+    assert (res.stop_reason, res.rounds, res.best.prompt) == ("patience", 2, "P1")   # P2 did not enter
+    many = {"start": 0.0, **{f"P{i}": i / 1000 for i in range(1, 402)}}
+    evaluate, calls = scripted_eval(many)
+    res = self_improve([], captioner=None, engineer=ScriptedEngineer([f"P{i}" for i in range(1, 402)]),
+                       extractor=None, initial="start", evaluate=evaluate)
+    assert (res.stop_reason, res.rounds, res.best.prompt, len(calls)) == ("max_rounds", 400, "P400", 401)
+
+
+def test_several_candidates_per_round_and_the_budget_stop():
+    scores = {"start": 0.0, "A1": 0.1, "A2": 0.3, "B1": 0.2, "B2": 0.25, "C1": 0.9}
+    evaluate, calls = scripted_eval(scores)
+    reports = []
+    res = self_improve([], captioner=None, engineer=ScriptedEngineer(["A1", "A2", "B1", "B2", "C1"]),
+                       extractor=None, initial="start", candidates_per_round=2, evaluate=evaluate,
+                       callback=reports.append)
+    # round 1: A1 then A2 enter; round 2: B1, B2 lose to A2 -> no new candidate entered: stop
+    assert (res.stop_reason, res.rounds, res.best.prompt) == ("patience", 2, "A2")
+    assert [c.prompt for c in res.pool] == ["start", "A1", "A2"] and calls == ["start", "A1", "A2", "B1", "B2"]
+    assert [r.round for r in reports] == [0, 1, 2] and reports[1].candidate.accepted
+    spent = iter([False, False, True])          # the budget runs out while P2 is being scored
+    evaluate, calls = scripted_eval({"start": 0.0, "P1": 0.1, "P2": 0.9, "P3": 1.0})
+    res = self_improve([], captioner=None, engineer=ScriptedEngineer(["P1", "P2", "P3"]), extractor=None,
+                       initial="start", patience=5, evaluate=evaluate, budget_spent=lambda: next(spent))
+    assert (res.stop_reason, res.rounds, res.best.prompt) == ("budget", 2, "P1")
+    assert res.history[-1].prompt == "P2" and res.history[-1].score == 0.9 and not res.history[-1].accepted
+
+
 # -- offline backends -----------------------------------------------------------------------------
 COLOURS, SHAPES, MOTIONS = ["red", "blue", "green"], ["ball", "square", "circle"], ["moves left", "bounces", "spins"]
 BANK = [f"a {c} {s} {m} in the {p}" for c in COLOURS for s in SHAPES for m in MOTIONS for p in ("park", "room")]

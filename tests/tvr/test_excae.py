@@ -443,8 +443,9 @@ class PassCounter:
 @pytest.mark.parametrize("base", list(BASES))
 def test_ecs_inside_the_base_representation_trains_with_one_backbone_pass(backbone_state, clips, base):
     frames, queries, aux = clips
+    width = {"expert_width": 16} if base == "vop" else {}                       # bottleneck experts over VoP
     model = make(backbone_state, num_experts=3, top_k=1, router_hidden=8, expert_heads=2, base=base,
-                 base_options=BASES[base])
+                 base_options=BASES[base], **width)
     assert model.cfg.representation and model.router.text_in is None          # video-routed evidence
     text = model.backbone.tokenize(queries)                                    # (N, L)
     caps = model.backbone.tokenize([c for cs in aux for c in cs]).view(CLIPS, KCAP, -1)  # (N, K, L)
@@ -507,6 +508,10 @@ def test_ecs_inside_the_base_representation_trains_with_one_backbone_pass(backbo
                                                   *(p for n, p in model.base.named_parameters()
                                                     if not n.startswith("backbone."))])
         assert 0 < n_train / n_all < 0.5
+        assert model.experts[0].down.out_features == 16 and model.experts[0].up.out_features == 32
+        full = make(backbone_state, num_experts=3, top_k=1, router_hidden=8, expert_heads=2, base=base,
+                    base_options=BASES[base])
+        assert sum(p.numel() for p in model.experts.parameters()) < sum(p.numel() for p in full.experts.parameters())
 
 
 def test_representation_plugin_bad_frame_budget_is_one_clear_error(backbone_state, clips):

@@ -23,19 +23,27 @@ makes the captioner fail is penalised, not ignored). The paper states the score 
 the original texts plus a diversity term from the pairwise similarity matrix"; the exact weighting
 is not published: λ = 1 (a plain sum) is the default here.
 
-Algorithm 1 (as implemented by :func:`self_improve`):
+Algorithm 1 (as implemented by :func:`self_improve`), n = ``candidates_per_round``:
 
     P* ← P₀;  s* ← score(P₀);  pool ← [(P₀, s*)];  stale ← 0
     for r = 1 .. max_rounds:
-        P ← engineer(P*, examples(P*), history)        examples: the worst-scored videos of P*
-        if P is None or P was tried before:  stale ← stale + 1
-        else:
+        entered ← false
+        repeat n times:
+            P ← engineer(P*, examples(P*), history)    examples: the worst-scored videos of P*
+            if P is None or P was tried before: continue
             s ← score(P)
-            if s > s*:  pool ← pool + [(P, s)];  P* ← P;  s* ← s;  stale ← 0     (beats the pool)
-            else:       stale ← stale + 1
+            if s > s*:  pool ← pool + [(P, s)];  P* ← P;  s* ← s;  entered ← true    (beats the pool)
+        stale ← 0 if entered else stale + 1
         callback(round report)
         if stale ≥ patience: stop                       no new candidate entered the pool
+        if the budget is spent: stop                    (a candidate scored on a cut-short caption
+                                                         run is recorded, never accepted)
     return P*, pool (the best ``pool_size`` entries), history
+
+The paper's stop rule is the default: ``patience = 1``, i.e. the loop ends at the first round in
+which no new candidate enters the pool; the paper reports convergence after about 400 iterations,
+so ``max_rounds`` (default 400 in ``captions.max_rounds``) is sized to let that happen and is a
+safety cap, not the expected stop. ``patience > 1`` tolerates that many barren rounds in a row.
 
 Only a prompt that beats every prompt in the pool enters it, so the pool is the chain of
 successive best prompts; ``pool_size`` keeps its last (best) entries.
@@ -233,16 +241,20 @@ def caption_samples(captioner: Captioner, samples: Sequence[VideoSample], prompt
 
 
 def self_improve(samples: Sequence[VideoSample], *, captioner: Captioner, engineer: PromptEngineer,
-                 extractor: SemanticExtractor, k: int = 10, initial: str = "", max_rounds: int = 10,
-                 patience: int = 3, pool_size: int = 8, diversity_weight: float = 1.0,
-                 num_examples: int = 4, batch_size: int = 8,
+                 extractor: SemanticExtractor, k: int = 10, initial: str = "", max_rounds: int = 400,
+                 patience: int = 1, pool_size: int = 8, diversity_weight: float = 1.0,
+                 num_examples: int = 4, batch_size: int = 8, candidates_per_round: int = 1,
                  callback: Callable[[RoundReport], None] | None = None,
-                 evaluate: Callable[[str], PromptScore] | None = None) -> CSIResult:
-    """Run Algorithm 1 (module docstring). ``evaluate`` replaces caption+score (for tests/backends)."""
+                 evaluate: Callable[[str], PromptScore] | None = None,
+                 budget_spent: Callable[[], bool] | None = None) -> CSIResult:
+    """Run Algorithm 1 (module docstring). ``evaluate`` replaces caption+score (for tests/backends);
+    ``budget_spent`` is asked after every evaluation and rewrite (True: stop, reason "budget")."""
     if not samples and evaluate is None:
         raise ValueError("self_improve: no sample videos; set captions.sample_size >= 1")
-    if max_rounds < 0 or patience < 1 or pool_size < 1 or k < 1:
-        raise ValueError("self_improve: need max_rounds >= 0, patience >= 1, pool_size >= 1, k >= 1")
+    if max_rounds < 0 or patience < 1 or pool_size < 1 or k < 1 or candidates_per_round < 1:
+        raise ValueError("self_improve: need max_rounds >= 0, patience >= 1, pool_size >= 1, k >= 1, "
+                         "candidates_per_round >= 1")
+    spent = budget_spent or (lambda: False)
 
     def _evaluate(prompt: str) -> PromptScore:
         if evaluate is not None:
@@ -268,27 +280,38 @@ def self_improve(samples: Sequence[VideoSample], *, captioner: Captioner, engine
     tried = {p0}
     _report(0, best, best_eval, 0)
     stale, stop, r = 0, "max_rounds", 0
+    if spent():
+        return CSIResult(best, pool, history, 0, "budget")
     for r in range(1, max_rounds + 1):
-        proposal = engineer.rewrite(best.prompt, _examples(best_eval), list(history))
-        cand = Candidate(proposal or "", r)
-        ps = None
-        if not proposal or proposal in tried:
-            stale += 1
-            log.info("CSI round %d: no new prompt from the engineer (%s)", r,
-                     "none" if not proposal else "repeat")
-        else:
-            tried.add(proposal)
-            ps = _evaluate(proposal)
-            cand.score, cand.similarity, cand.diversity = ps.score, ps.similarity, ps.diversity
-            if ps.score > float(best.score):
-                cand.accepted = True
-                best, best_eval = cand, ps
-                pool = [*pool, cand][-pool_size:]
-                stale = 0
+        entered, shown, shown_ps, out_of_budget = False, None, None, False
+        for _ in range(candidates_per_round):
+            proposal = engineer.rewrite(best.prompt, _examples(best_eval), list(history))
+            cand = Candidate(proposal or "", r)
+            ps = None
+            if not proposal or proposal in tried:
+                log.info("CSI round %d: no new prompt from the engineer (%s)", r,
+                         "none" if not proposal else "repeat")
+                out_of_budget = spent()
             else:
-                stale += 1
-        history.append(cand)
-        _report(r, cand, ps, stale)
+                tried.add(proposal)
+                ps = _evaluate(proposal)
+                cand.score, cand.similarity, cand.diversity = ps.score, ps.similarity, ps.diversity
+                out_of_budget = spent()           # captions cut short by the budget: never accepted
+                if ps.score > float(best.score) and not out_of_budget:
+                    cand.accepted = True
+                    best, best_eval = cand, ps
+                    pool = [*pool, cand][-pool_size:]
+                    entered = True
+            history.append(cand)
+            if shown is None or cand.accepted or (ps is not None and shown_ps is None):
+                shown, shown_ps = cand, ps
+            if out_of_budget:
+                break
+        stale = 0 if entered else stale + 1
+        _report(r, shown, shown_ps, stale)
+        if out_of_budget:
+            stop = "budget"
+            break
         if stale >= patience:
             stop = "patience"
             break

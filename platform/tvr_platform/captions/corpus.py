@@ -18,7 +18,10 @@ are simply not written, so the next run picks them up. A part is written only wh
 done, so an interrupted job loses at most the batches in flight.
 
 Concurrency: ``captions.concurrency`` caption actors (Ray Data actor pool), each with one batch and
-one request in flight; the budget is a Ray actor shared by all of them (:class:`BudgetLedger`).
+up to ``captions.requests_in_flight`` requests in flight (threads), each rate-limited to
+``captions.requests_per_minute``; the budget is a Ray actor shared by all of them
+(:class:`BudgetLedger`). The driver logs videos done / total, tokens, cost and an ETA every
+``captions.progress_every_s`` seconds.
 """
 
 from __future__ import annotations
@@ -237,19 +240,25 @@ class RayBudget:
 
 
 def build_captioner(job: JobCfg, *, backbone: Any = None, bank: tuple[Sequence[str], Sequence[str]] | None = None,
-                    budget: Any = None, sleep: Any = time.sleep, api_key: Any = None) -> tuple[Any, str]:
+                    budget: Any = None, sleep: Any = time.sleep, api_key: Any = None, cache: Any = None,
+                    progress: Any = None, rate_limiter: Any = None) -> tuple[Any, str]:
     """The configured captioner and the model name recorded with its captions.
 
-    ``api_key``: a :class:`~tvr_platform.captions.openai_backend.Secret` (None = read the env)."""
+    ``api_key``: a :class:`~tvr_platform.captions.openai_backend.Secret` (None = read the env);
+    ``cache`` / ``progress`` / ``rate_limiter``: the OpenAI backend's reply cache, progress line and
+    rate limiter (a limiter from ``captions.requests_per_minute`` by default)."""
     cfg = job.captions
     if cfg.backend == "openai":
-        from tvr_platform.captions.openai_backend import ChatClient, OpenAICaptioner
+        from tvr_platform.captions.openai_backend import ChatClient, OpenAICaptioner, RateLimiter
         from tvr_platform.data.pipeline import backbone_preprocess
 
         _, mean, std = backbone_preprocess(job.model.backbone.name, job.model.backbone.pretrained)
-        client = ChatClient.from_cfg(cfg, budget=budget, sleep=sleep, api_key=api_key)
+        limiter = rate_limiter if rate_limiter is not None else RateLimiter(cfg.requests_per_minute)
+        client = ChatClient.from_cfg(cfg, budget=budget, sleep=sleep, api_key=api_key, rate_limiter=limiter,
+                                     cache=cache)
         return OpenAICaptioner(client, mean=mean, std=std, frames_per_request=cfg.frames_per_request,
-                               jpeg_quality=cfg.jpeg_quality, max_tokens=cfg.max_caption_tokens), cfg.api_model
+                               jpeg_quality=cfg.jpeg_quality, max_tokens=cfg.max_caption_tokens,
+                               concurrency=cfg.requests_in_flight, progress=progress), cfg.api_model
     from tvr.backbone import ClipBackbone
     from tvr.captioning import RetrievalCaptioner
 
@@ -332,6 +341,7 @@ def generate_corpus_captions(job: JobCfg, *, prompt: str | None = None, dataset:
     prompt = resolve_prompt(job, prompt)
     done = done_video_ids(job)
     jobs: list[tuple[Any, list[str], list[str]]] = []   # (dataset or manifest, ids by index, split by index)
+    todo_counts: list[int] = []                          # videos to caption per entry of jobs
     skipped_done = 0
     if dataset is not None:
         if video_ids is None:
@@ -342,6 +352,7 @@ def generate_corpus_captions(job: JobCfg, *, prompt: str | None = None, dataset:
         if todo:
             ds = dataset.map_batches(_KeepIndices(todo), batch_format="numpy") if skipped_done else dataset
             jobs.append((ds, ids, ["custom"] * len(ids)))
+            todo_counts.append(len(todo))
     else:
         from tvr_platform.data.pipeline import load_manifest
 
@@ -352,6 +363,7 @@ def generate_corpus_captions(job: JobCfg, *, prompt: str | None = None, dataset:
             if keep:
                 sub = subset_manifest(m, keep)
                 jobs.append((sub, list(sub.video_ids), [split] * len(keep)))
+                todo_counts.append(len(keep))
     report: dict[str, Any] = {"prompt": prompt, "backend": cfg.backend, "path": captions_uri(job),
                               "skipped_done": skipped_done, "videos": 0, "captioned": 0, "skipped": 0,
                               "budget_exhausted": False}
@@ -372,6 +384,11 @@ def generate_corpus_captions(job: JobCfg, *, prompt: str | None = None, dataset:
             token_budget=cfg.token_budget, cost_budget=cfg.cost_budget,
             price_input_per_mtok=cfg.price_input_per_mtok, price_output_per_mtok=cfg.price_output_per_mtok)
     totals: dict[str, float] = {}
+    from tvr_platform.captions.openai_backend import Progress
+
+    spend = (lambda: ray.get(ledger.snapshot.remote())) if ledger is not None else None
+    progress = Progress(sum(todo_counts), label="captions generate", budget=spend,
+                        every_s=cfg.progress_every_s)
     try:
         for src, ids, split_of in jobs:
             if dataset is None:
@@ -387,6 +404,7 @@ def generate_corpus_captions(job: JobCfg, *, prompt: str | None = None, dataset:
             for row in ds.iter_rows():
                 for k, v in row.items():
                     totals[k] = totals.get(k, 0) + float(v)
+                progress.advance(int(row["videos"]))
         if ledger is not None:
             report["budget"] = ray.get(ledger.snapshot.remote())
     finally:

@@ -24,19 +24,32 @@ Other 4xx (bad key, bad model, bad request) fail at once with an :class:`LLMErro
 
 Budget. Every reply's ``usage`` is charged to a :class:`Budget` (tokens and cost); once it is
 spent, :class:`BudgetExhausted` stops new requests (in-flight ones may overshoot by at most one
-request per worker).
+request per worker / thread in flight).
+
+Concurrency. :class:`OpenAICaptioner` sends the requests of a batch of videos from
+``requests_in_flight`` threads at once (one HTTP connection pool, thread-safe counters), and a
+shared :class:`RateLimiter` spaces request starts to at most ``requests_per_minute``
+(retries included). :class:`Progress` logs videos done / total, tokens, cost and an ETA.
+
+Resume. A :class:`ReplyCache` (``<captions>/csi/replies/*.jsonl`` for ``tvr captions improve``)
+keeps every *validated* reply under the SHA-256 of its request (model, messages with the images,
+temperature, token cap); a rerun after an interruption reads it back and re-validates it instead
+of paying for the request again.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
+import json
 import logging
 import os
 import random
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -160,9 +173,134 @@ class Usage:
     failed: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached: int = 0
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
+
+
+class RateLimiter:
+    """At most ``per_minute`` request starts per minute, evenly spaced (one every 60 / per_minute
+    seconds), shared by every thread that calls :meth:`wait`; 0 = no limit."""
+
+    def __init__(self, per_minute: float, *, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep):
+        self.interval = 60.0 / per_minute if per_minute > 0 else 0.0
+        self.clock, self.sleep = clock, sleep
+        self._next = 0.0
+        self._lock = threading.Lock()
+
+    def wait(self) -> float:
+        """Block until this request may start; returns the seconds waited."""
+        if not self.interval:
+            return 0.0
+        with self._lock:
+            now = self.clock()
+            start = max(now, self._next)
+            self._next = start + self.interval
+        delay = start - now
+        if delay > 0:
+            self.sleep(delay)
+        return delay
+
+
+class ReplyCache:
+    """Validated replies keyed by the SHA-256 of their request, persisted as JSONL parts in a
+    :mod:`tvr_platform.storage` folder (``replies/<uuid>.jsonl``); a rerun loads every part.
+
+    Entries are untrusted text like any reply: the caller validates them again on reuse."""
+
+    FOLDER = "replies"
+
+    def __init__(self, store: Any | None = None):
+        self.store = store
+        self._mem: dict[str, str] = {}
+        self._pending: list[dict[str, str]] = []
+        self._lock = threading.Lock()
+        if store is not None:
+            for rel in store.list(self.FOLDER):
+                if not rel.endswith(".jsonl"):
+                    continue
+                for line in store.read_text(rel).splitlines():
+                    try:
+                        row = json.loads(line)
+                        if isinstance(row.get("key"), str) and isinstance(row.get("text"), str):
+                            self._mem[row["key"]] = row["text"]
+                    except (json.JSONDecodeError, AttributeError):
+                        log.warning("skipping a damaged line of the reply cache %s", store.url(rel))
+
+    @staticmethod
+    def key(request: dict[str, Any]) -> str:
+        return hashlib.sha256(json.dumps(request, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
+
+    def __len__(self) -> int:
+        return len(self._mem)
+
+    def get(self, key: str) -> str | None:
+        with self._lock:
+            return self._mem.get(key)
+
+    def put(self, key: str, text: str) -> None:
+        with self._lock:
+            if key not in self._mem:
+                self._mem[key] = text
+                self._pending.append({"key": key, "text": text})
+
+    def flush(self) -> None:
+        """Write the replies added since the last flush as one part (atomic per part)."""
+        import uuid
+
+        with self._lock:
+            rows, self._pending = self._pending, []
+        if rows and self.store is not None:
+            data = "".join(json.dumps(r, ensure_ascii=True) + "\n" for r in rows).encode()
+            self.store.write_bytes(f"{self.FOLDER}/{uuid.uuid4().hex}.jsonl", data)
+
+
+class Progress:
+    """Videos done / total, spend and an ETA, logged at most every ``every_s`` seconds (and at the end)."""
+
+    def __init__(self, total: int, *, label: str = "captions", budget: Any = None, every_s: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic, emit: Callable[[str], None] | None = None):
+        self.total, self.label, self.budget, self.every_s, self.clock = total, label, budget, every_s, clock
+        self.emit = emit or log.info
+        self.done = 0
+        self.start = clock()
+        self._last = -float("inf")
+        self._lock = threading.Lock()
+
+    def spend(self) -> dict[str, float]:
+        b = self.budget
+        if b is None:
+            return {}
+        state = b() if callable(b) else b.to_dict()
+        return {"tokens": state["prompt_tokens"] + state["completion_tokens"], "cost": state["cost"]}
+
+    def eta_s(self) -> float | None:
+        elapsed = self.clock() - self.start
+        if self.done == 0 or elapsed <= 0:
+            return None
+        return (self.total - self.done) * elapsed / self.done
+
+    def line(self) -> str:
+        pct = 100.0 * self.done / self.total if self.total else 100.0
+        parts = [f"{self.label}: {self.done}/{self.total} videos ({pct:.0f}%)"]
+        sp = self.spend()
+        if sp:
+            parts.append(f"{int(sp['tokens'])} tokens, cost {sp['cost']:.4f}")
+        eta = self.eta_s()
+        parts.append("ETA " + ("?" if eta is None else f"{eta:.0f}s"))
+        return ", ".join(parts)
+
+    def advance(self, n: int = 1) -> None:
+        with self._lock:
+            self.done += n
+            now = self.clock()
+            due = now - self._last >= self.every_s or self.done >= self.total
+            if due:
+                self._last = now
+        if due:
+            self.emit(self.line())
 
 
 class ChatClient:
@@ -172,7 +310,8 @@ class ChatClient:
                  timeout: float = 60.0, max_retries: int = 4, backoff_base: float = 1.0,
                  backoff_max: float = 30.0, temperature: float = 0.7, max_completion_tokens: int = 1024,
                  budget: Budget | None = None, sleep: Callable[[float], None] = time.sleep,
-                 api_key: Secret | None = None):
+                 api_key: Secret | None = None, rate_limiter: RateLimiter | None = None,
+                 cache: ReplyCache | None = None):
         key = (api_key or read_api_key(api_key_env, base_url)).reveal()
         try:
             import openai
@@ -186,7 +325,14 @@ class ChatClient:
         self.max_retries, self.backoff_base, self.backoff_max = max_retries, backoff_base, backoff_max
         self.temperature, self.max_completion_tokens = temperature, max_completion_tokens
         self.budget, self.sleep = budget, sleep
+        self.rate_limiter, self.cache = rate_limiter, cache
         self.usage = Usage()
+        self._lock = threading.Lock()
+
+    def _count(self, **inc: int) -> None:
+        with self._lock:
+            for name, n in inc.items():
+                setattr(self.usage, name, getattr(self.usage, name) + n)
 
     def __repr__(self) -> str:
         return f"ChatClient(base_url={self.base_url!r}, model={self.model!r})"
@@ -196,12 +342,13 @@ class ChatClient:
 
     @classmethod
     def from_cfg(cls, cfg: Any, *, model: str | None = None, budget: Budget | None = None,
-                 sleep: Callable[[float], None] = time.sleep, api_key: Secret | None = None) -> ChatClient:
+                 sleep: Callable[[float], None] = time.sleep, api_key: Secret | None = None,
+                 rate_limiter: RateLimiter | None = None, cache: ReplyCache | None = None) -> ChatClient:
         return cls(base_url=cfg.api_base_url, model=model or cfg.api_model, api_key_env=cfg.api_key_env,
                    timeout=cfg.request_timeout, max_retries=cfg.max_retries, backoff_base=cfg.backoff_base,
                    backoff_max=cfg.backoff_max, temperature=cfg.temperature,
                    max_completion_tokens=cfg.max_completion_tokens, budget=budget, sleep=sleep,
-                   api_key=api_key)
+                   api_key=api_key, rate_limiter=rate_limiter, cache=cache)
 
     def _delay(self, attempt: int, retry_after: str | None = None) -> float:
         delay = min(self.backoff_max, self.backoff_base * 2 ** attempt) * (0.5 + random.random() / 2)
@@ -218,15 +365,28 @@ class ChatClient:
     def complete(self, messages: list[dict[str, Any]], validate: Callable[[str | None], T | None]) -> T | None:
         """One validated reply, or None after ``max_retries`` retries (counted as failed).
 
-        ``validate`` turns the reply text into a value or None (malformed)."""
+        ``validate`` turns the reply text into a value or None (malformed). A reply cached for the
+        same request is re-validated and returned without a request (``Usage.cached``)."""
         oa = self._openai
+        key = None
+        if self.cache is not None:
+            key = ReplyCache.key({"model": self.model, "messages": messages, "temperature": self.temperature,
+                                  "max_tokens": self.max_completion_tokens})
+            hit = self.cache.get(key)
+            if hit is not None:
+                value = validate(hit)
+                if value is not None:
+                    self._count(cached=1)
+                    return value
         for attempt in range(self.max_retries + 1):
             if attempt:
-                self.usage.retries += 1
+                self._count(retries=1)
             if self.budget is not None and self.budget.exhausted():
                 raise BudgetExhausted("the captions token/cost budget is spent (captions.token_budget / "
                                       "captions.cost_budget); rerun to continue where it stopped")
-            self.usage.requests += 1
+            if self.rate_limiter is not None:
+                self.rate_limiter.wait()
+            self._count(requests=1)
             fatal = None
             try:
                 resp = self._client.chat.completions.create(
@@ -251,7 +411,7 @@ class ChatClient:
                     self.sleep(delay)
                 continue
             except (oa.APIResponseValidationError, ValueError) as err:
-                self.usage.malformed += 1
+                self._count(malformed=1)
                 log.warning("%s: unreadable reply (%s), retry %d/%d", self.base_url, type(err).__name__,
                             attempt + 1, self.max_retries)
                 continue
@@ -260,11 +420,13 @@ class ChatClient:
             text = self._reply_text(resp)
             value = validate(text)
             if value is None:
-                self.usage.malformed += 1
+                self._count(malformed=1)
                 log.warning("%s: malformed reply, retry %d/%d", self.base_url, attempt + 1, self.max_retries)
                 continue
+            if self.cache is not None and key is not None and text is not None:
+                self.cache.put(key, text)
             return value
-        self.usage.failed += 1
+        self._count(failed=1)
         log.warning("%s: giving up on one request after %d attempts", self.base_url, self.max_retries + 1)
         return None
 
@@ -275,8 +437,7 @@ class ChatClient:
             c = int(getattr(usage, "completion_tokens", 0) or 0)
         except (TypeError, ValueError):
             p = c = 0
-        self.usage.prompt_tokens += p
-        self.usage.completion_tokens += c
+        self._count(prompt_tokens=p, completion_tokens=c)
         if self.budget is not None:
             self.budget.spend(p, c)
         try:
@@ -314,12 +475,15 @@ def caption_format_instruction(k: int, max_tokens: int) -> str:
 
 
 class OpenAICaptioner:
-    """Captioner over a multimodal chat model: one request per video, K captions parsed from JSON."""
+    """Captioner over a multimodal chat model: one request per video, K captions parsed from JSON;
+    up to ``concurrency`` requests in flight at once (threads sharing the client)."""
 
     def __init__(self, client: ChatClient, *, mean: Sequence[float], std: Sequence[float],
-                 frames_per_request: int = 4, jpeg_quality: int = 85, max_tokens: int = MAX_CAPTION_TOKENS):
+                 frames_per_request: int = 4, jpeg_quality: int = 85, max_tokens: int = MAX_CAPTION_TOKENS,
+                 concurrency: int = 1, progress: Progress | None = None):
         self.client, self.mean, self.std = client, tuple(mean), tuple(std)
         self.frames_per_request, self.jpeg_quality, self.max_tokens = frames_per_request, jpeg_quality, max_tokens
+        self.concurrency, self.progress = max(1, int(concurrency)), progress
         self.exhausted = False
 
     def messages(self, frames: Tensor, prompt: str, k: int) -> list[dict[str, Any]]:
@@ -330,22 +494,31 @@ class OpenAICaptioner:
         return [{"role": "system", "content": CAPTIONER_SYSTEM},
                 {"role": "user", "content": [{"type": "text", "text": text}, *images]}]
 
+    def _one(self, frames: Tensor, prompt: str, k: int) -> list[str]:
+        if self.exhausted:
+            return []
+        try:
+            caps = self.client.complete(self.messages(frames, prompt, k),
+                                        lambda text: parse_caption_list(text, k, self.max_tokens) or None)
+        except BudgetExhausted:
+            self.exhausted = True
+            caps = None
+        if self.progress is not None:
+            self.progress.advance(1)
+        return caps or []
+
     def caption(self, frames: Tensor, prompt: str, k: int, *,
                 video_ids: Sequence[str] | None = None) -> list[list[str]]:
-        """frames (B, T, 3, H, W) -> B caption lists; [] for a video skipped (malformed / budget)."""
-        out: list[list[str]] = []
-        for b in range(frames.shape[0]):
-            if self.exhausted:
-                out.append([])
-                continue
-            try:
-                caps = self.client.complete(self.messages(frames[b], prompt, k),
-                                            lambda text: parse_caption_list(text, k, self.max_tokens) or None)
-            except BudgetExhausted:
-                self.exhausted = True
-                caps = None
-            out.append(caps or [])
-        return out
+        """frames (B, T, 3, H, W) -> B caption lists (in order); [] for a video skipped (malformed / budget)."""
+        B = frames.shape[0]
+        try:
+            if self.concurrency == 1 or B == 1:
+                return [self._one(frames[b], prompt, k) for b in range(B)]
+            with ThreadPoolExecutor(max_workers=min(self.concurrency, B), thread_name_prefix="tvr-caption") as ex:
+                return list(ex.map(lambda b: self._one(frames[b], prompt, k), range(B)))
+        finally:
+            if self.client.cache is not None:
+                self.client.cache.flush()
 
 
 def _quote(text: str, limit: int) -> str:
@@ -380,3 +553,6 @@ class OpenAIPromptEngineer:
             return self.client.complete(messages, clean_prompt)
         except BudgetExhausted:
             return None
+        finally:
+            if self.client.cache is not None:
+                self.client.cache.flush()
