@@ -494,6 +494,12 @@ def test_ecs_inside_the_base_representation_trains_with_one_backbone_pass(backbo
         assert not hasattr(model, "combine")
     if base in ("xpool", "tmass"):     # the text attends over T frames + the evidence token
         assert vf["base.frames"].shape[1] == FRAMES + 1
+    from tvr.methods.base import prepare_video
+    with torch.no_grad():              # the base's prepared-video path (if any) gives the same scores
+        model.eval()
+        prepared = prepare_video(model, vf)
+        assert torch.allclose(model.similarity(tf, prepared), S, atol=1e-5)
+        assert hasattr(model, "prepare_video") == hasattr(model.base, "prepare_video")
     if base == "tmass":                # training noise in the loss, the seeded sampler at evaluation
         model.train()
         a, b = (model.base.loss(model._sub(tf), model._sub(vf))["loss"].item() for _ in range(2))

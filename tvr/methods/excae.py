@@ -176,8 +176,9 @@ ADAPTERS: dict[str, _Adapter] = {
 }
 """The bases ECS plugs into as a representation; any other method needs ``plugin="score"``."""
 
-_BASE_HOOKS = ("granularity_similarities", "combine", "sinkhorn_temperature")
-"""Evaluation hooks of a base (UCoFIA's per-granularity SK) that ExCae exposes as its own."""
+_BASE_HOOKS = ("granularity_similarities", "combine", "sinkhorn_temperature", "prepare_video")
+"""Evaluation hooks of a base (UCoFIA's per-granularity SK, X-Pool / T-MASS prepared frames) that
+ExCae exposes as its own in ``plugin="representation"``."""
 
 
 @dataclass(kw_only=True)
@@ -434,6 +435,8 @@ class ExCae(nn.Module):
                 fn = getattr(base, name)
                 if name == "granularity_similarities":
                     return lambda text, video: fn(self._sub(text), self._sub(video))
+                if name == "prepare_video":
+                    return lambda video: {**video, **{f"base.{k}": v for k, v in fn(self._sub(video)).items()}}
                 return fn
             raise AttributeError(f"ExCae(base={self.__dict__['cfg'].base!r}) has no {name!r}")
         return super().__getattr__(name)
