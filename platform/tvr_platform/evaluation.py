@@ -20,6 +20,8 @@ ModelCall = Callable[..., Any]
 
 
 def concat_features(parts: list[Features]) -> Features:
+    """Row-wise concatenation; empty parts (a worker whose shard held no video) are skipped."""
+    parts = [p for p in parts if p]
     if not parts:
         raise ValueError("no features to concatenate (empty split?)")
     return {k: torch.cat([p[k] for p in parts], dim=0) for k in parts[0]}
@@ -51,7 +53,8 @@ def embed_texts(model: ModelCall, texts: Tensor, batch_size: int, device: torch.
 @torch.no_grad()
 def embed_videos(model: ModelCall, batches: Iterable[dict[str, Tensor]],
                  device: torch.device | str) -> tuple[Features, Tensor]:
-    """Batches with 'frames' (B,T,3,H,W) and 'video_index' (B,) -> (features on CPU, video_index)."""
+    """Batches with 'frames' (B,T,3,H,W) and 'video_index' (B,) -> (features on CPU, video_index).
+    No batches (a shard with no video): ``({}, empty index)``, which :func:`concat_features` skips."""
     feats, index = [], []
     for batch in batches:
         captions = batch.get("aux_texts")
@@ -59,6 +62,8 @@ def embed_videos(model: ModelCall, batches: Iterable[dict[str, Tensor]],
                   captions=None if captions is None else captions.to(device))
         feats.append(_to_cpu_float(f))
         index.append(batch["video_index"].long().cpu())
+    if not feats:
+        return {}, torch.zeros(0, dtype=torch.long)
     return concat_features(feats), torch.cat(index)
 
 

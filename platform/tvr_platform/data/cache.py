@@ -197,18 +197,21 @@ def cached_dataset(job: JobCfg, manifest: Any, *, train: bool, rows: list[dict[s
         raise CacheError(f"{st.url()}: cache made for T={meta.get('num_frames')}, S={meta.get('size')}; "
                          f"the job needs T={job.data.num_frames}, S={size}; re-run `tvr data prepare`")
     drop = {"file", "seg_start", "seg_end", "epoch_seed"}
-    extras = {vid: {k: v for k, v in row.items() if k not in drop} for vid, row in zip(manifest.video_ids, rows)}
+    # rows may be one rank's shard of the split: their video_index names the clip in the manifest
+    extras = {manifest.video_ids[int(row["video_index"])]: {k: v for k, v in row.items() if k not in drop}
+              for row in rows}
     cached = set()
     fs, root = st.pyarrow_filesystem()
     for b in ray.data.read_parquet(root, filesystem=fs, columns=["video_id"]).iter_batches(
             batch_size=None, batch_format="numpy"):
         cached.update(str(v) for v in b["video_id"])
-    missing = [v for v in manifest.video_ids if v not in cached]
+    missing = [v for v in extras if v not in cached]
     if missing:
         qs = storage_for(job, quarantine_uri(job, manifest.split))
         recs = [{"uri": f"{st.url()}#{v}", "reason": "clip not in the frame cache", "split": manifest.split,
                  "action": "skipped" if train else "zero frames"} for v in missing]
-        qs.write_bytes("cache-missing.jsonl", "".join(json.dumps(r) + "\n" for r in recs).encode())
+        part = "" if len(rows) == len(manifest.video_ids) else f"-{int(rows[0]['video_index'])}"  # a shard's
+        qs.write_bytes(f"cache-missing{part}.jsonl", "".join(json.dumps(r) + "\n" for r in recs).encode())
         log.warning("%d clip(s) of %s are not in the frame cache %s", len(missing), manifest.split, st.url())
     ds = ray.data.read_parquet(root, filesystem=fs)
     if train:

@@ -225,11 +225,27 @@ def decode_num_cpus(job: JobCfg) -> float:
     return per
 
 
-def _build(job: JobCfg, manifest: Manifest, *, train: bool, epoch_seed: int, decode_batch_size: int) -> Any:
+def shard_range(n: int, world_size: int, rank: int) -> range:
+    """The indices ``0..n-1`` that rank ``rank`` of ``world_size`` holds: contiguous, balanced (the
+    first ``n mod world_size`` ranks hold one more), every index on exactly one rank, empty ranges
+    when there are fewer items than ranks. (Ray's ``streaming_split(equal=True)`` instead drops
+    the remainder, which evaluation cannot afford.)"""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} of world size {world_size}")
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (1 if rank < extra else 0))
+
+
+def _build(job: JobCfg, manifest: Manifest, *, train: bool, epoch_seed: int, decode_batch_size: int,
+           shard: tuple[int, int] | None = None) -> Any:
     import ray.data
     from ray.data._internal.random_config import RandomSeedConfig
 
     rows = _items(job, manifest, texts=train, epoch_seed=epoch_seed)
+    if shard is not None:                                    # (rank, world_size): this rank's rows only
+        keep = shard_range(len(rows), shard[1], shard[0])
+        rows = rows[keep.start:keep.stop]
     from tvr_platform.data.cache import cached_dataset, use_cache
 
     if use_cache(job, manifest.split):                       # data.frames: decoded once, read from Parquet
@@ -250,9 +266,18 @@ def train_dataset(job: JobCfg, manifest: Manifest, *, epoch_seed: int = 0, decod
     return _build(job, manifest, train=True, epoch_seed=epoch_seed, decode_batch_size=decode_batch_size)
 
 
-def video_dataset(job: JobCfg, manifest: Manifest, *, decode_batch_size: int = 8) -> Any:
-    """One row per video for evaluation: frames (T,3,S,S) f32 (segment middles), video_index."""
-    return _build(job, manifest, train=False, epoch_seed=0, decode_batch_size=decode_batch_size)
+def video_dataset(job: JobCfg, manifest: Manifest, *, decode_batch_size: int = 8,
+                  shard: tuple[int, int] | None = None) -> Any:
+    """One row per video for evaluation: frames (T,3,S,S) f32 (segment middles), video_index.
+
+    ``shard=(rank, world_size)``: only the videos of :func:`shard_range` (``video_index`` stays
+    the index into the whole split), selected before anything is decoded."""
+    return _build(job, manifest, train=False, epoch_seed=0, decode_batch_size=decode_batch_size, shard=shard)
+
+
+def eval_shards(job: JobCfg, manifest: Manifest, world_size: int) -> list[Any]:
+    """``video_dataset`` of each rank of ``world_size``: together every video exactly once."""
+    return [video_dataset(job, manifest, shard=(r, world_size)) for r in range(world_size)]
 
 
 # -- quarantine report ----------------------------------------------------------------------------

@@ -73,11 +73,11 @@ def run_storage(job: JobCfg, folder: str = "runs"):
 
 def run_training(job: JobCfg, *, callbacks: list | None = None, tracker: Tracker | None = None,
                  extra_config: dict[str, Any] | None = None) -> TrainingResult:
-    import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from tvr_platform.data.pipeline import load_manifest, train_dataset, video_dataset
+    from tvr_platform.data.pipeline import eval_shards, load_manifest, train_dataset, video_dataset
+    from tvr_platform.train.shards import EvalShardsConfig
     from tvr_platform.train.worker import train_loop_per_worker
 
     train_manifest = load_manifest(job, job.data.train_split)
@@ -109,8 +109,11 @@ def run_training(job: JobCfg, *, callbacks: list | None = None, tracker: Tracker
                                      resources_per_worker={"CPU": job.train.cpus_per_worker,
                                                            **({"GPU": 1} if job.train.use_gpu else {})}),
         torch_config=TorchConfig(backend="nccl" if job.train.use_gpu else "gloo", timeout_s=600),
+        # The test split is sharded per rank (every video exactly once, whatever the worker count);
+        # "test" itself is only the name Ray asks for, never executed.
         datasets={"train": train_dataset(job, train_manifest), "test": video_dataset(job, test_manifest)},
-        dataset_config=ray.train.DataConfig(datasets_to_split="all"),
+        dataset_config=EvalShardsConfig(["train"], {"test": eval_shards(
+            job, test_manifest, max(job.train.num_workers, 1))}),
         run_config=RunConfig(
             name=job.run.name, storage_path=storage_path, storage_filesystem=storage_fs,
             checkpoint_config=CheckpointConfig(num_to_keep=job.train.checkpoints_to_keep),
