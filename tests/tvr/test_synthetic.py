@@ -133,3 +133,77 @@ def test_bad_generator_arguments_are_named():
         synthesize("/nonexistent-never-written", num_clips=4, size=33)
     with pytest.raises(ValueError, match="num_clips"):
         synthesize("/nonexistent-never-written", num_clips=2)
+
+
+# -- static / mixed caption modes (tvr pretrain, tvr bench methods) ---------------------------------
+
+def test_static_mode_clips_show_both_objects_on_every_frame_and_say_only_what_a_frame_shows(tmp_path):
+    from tvr.data.synthetic import BACKGROUNDS, CAPTION_TYPES_FILE
+
+    res = synthesize(tmp_path, seed=2, captions="static", **SMALL)
+    assert json.loads((tmp_path / CAPTION_TYPES_FILE).read_text()) == {v: ["static"] * 3 for v in res.captions}
+    for spec in res.specs:
+        frames = render_frames(spec)
+        assert spec.event == "stays" and all(spec.other_visible(t) for t in range(spec.num_frames))
+        bg = np.array(BACKGROUNDS[spec.background], dtype=np.uint8)
+        assert (frames[:, 0, 0] == bg).all()                               # the corner shows the background
+        for c in res.captions[spec.video_id]:
+            words = set(c.replace(",", "").split())
+            assert {spec.background, spec.size_word, spec.mover_colour, spec.other_colour} <= words
+            assert not words & (set(DIRECTIONS) | {"moves", "appears", "then", "before", "after"})
+    assert {s.size_word for s in res.specs} <= {"small", "large"}
+
+
+def test_mixed_mode_tags_every_caption_and_keeps_time_reversed_twins_in_one_split(tmp_path):
+    from tvr.data.synthetic import CAPTION_TYPES_FILE, mirror_spec
+
+    res = synthesize(tmp_path, seed=4, captions="mixed", num_clips=12, test_fraction=0.34, captions_per_clip=4,
+                     seconds=1.0, fps=12, size=32)
+    types = json.loads((tmp_path / CAPTION_TYPES_FILE).read_text())
+    assert types == res.caption_types and all(t == ["temporal", "static", "temporal", "static"] for t in types.values())
+    for a, b in zip(res.specs[::2], res.specs[1::2], strict=True):
+        assert b == mirror_spec(a, video_id=b.video_id, background=b.background) and a.background != b.background
+        assert (a.video_id in res.splits["test"]) == (b.video_id in res.splits["test"])
+        for spec in (a, b):
+            for c, t in zip(res.captions[spec.video_id], types[spec.video_id], strict=True):
+                words = set(c.replace(",", "").split())
+                assert (spec.direction in words) == (t == "temporal")         # motion only in temporal ones
+                assert (spec.background in words) == (t == "static")
+    assert len(res.splits["test"]) == 4 and {s.event for s in res.specs} == {"appears", "disappears"}
+
+
+def test_a_permutation_invariant_pooled_video_is_identical_for_clips_whose_temporal_captions_differ():
+    """Why a frame-average baseline cannot answer temporal queries: a clip and its time reversal
+    (``mirror_spec``) have the same frames in reverse order, so mean pooling of any per-frame
+    encoder (here a random tiny CLIP, and raw pixels) gives the same video, while every temporal
+    caption of one is false of the other; their static captions are the same."""
+    import torch
+
+    from tvr.backbone import BackboneCfg, ClipBackbone
+    from tvr.data.synthetic import mirror_spec, static_captions, temporal_captions
+
+    spec = sample_spec(np.random.default_rng(11), "v", num_frames=12, size=32, fps=12, mode="mixed")
+    twin = mirror_spec(spec)
+    f_a, f_b = render_frames(spec), render_frames(twin)
+    assert not np.array_equal(f_a, f_b) and np.array_equal(f_a[::-1], f_b)
+    assert set(temporal_captions(spec)).isdisjoint(temporal_captions(twin))
+    assert static_captions(spec) == static_captions(twin)
+    torch.manual_seed(0)
+    backbone = ClipBackbone(BackboneCfg(name="tvr-tiny")).eval().double()
+
+    def pooled(frames: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(frames).permute(0, 3, 1, 2).double()[None] / 255.0        # (1, T, 3, S, S)
+        with torch.no_grad():
+            cls, _ = backbone.encode_frames(x)                                          # (1, T, D)
+        return cls.mean(dim=1)
+
+    torch.testing.assert_close(pooled(f_a), pooled(f_b), rtol=1e-12, atol=1e-12)
+    # ...but the per-frame sequence differs: an order-aware model can tell them apart.
+    with torch.no_grad():
+        seq = [backbone.encode_frames(torch.from_numpy(f).permute(0, 3, 1, 2).double()[None] / 255.0)[0] for f in (f_a, f_b)]
+    assert (seq[0] - seq[1]).abs().max() > 1e-3
+
+
+def test_bad_caption_mode_is_named():
+    with pytest.raises(ValueError, match="data.synth.captions"):
+        synthesize("/nonexistent-never-written", num_clips=4, captions="dynamic")

@@ -27,6 +27,11 @@ class SynthCfg:
     """Everything generated is a function of this seed."""
     keyframe_interval: int = 0
     """H.264 keyframe every N frames (0 = one per second, like most web video)."""
+    captions: Literal["events", "static", "mixed"] = "events"
+    """Caption mode: events (direction + order sentences); static (what one frame shows: shapes,
+    colours, size, background; image-text pre-training, ``tvr pretrain``); mixed (static and
+    temporal captions tagged in caption_types.json, clips in time-reversed twins; the method
+    benchmark). See ``tvr.data.synthetic``."""
 
     def __post_init__(self) -> None:
         if self.num_clips < 4:
