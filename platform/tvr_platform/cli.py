@@ -4,6 +4,7 @@
     tvr data synth <spec> [overrides]     write the synthetic MSR-VTT-format clip set
     tvr data prepare [spec] [overrides]   decode once: sampled frames as sharded Parquet (frame cache)
     tvr train <spec> [overrides]          train with Ray Train (+ DeepSpeed), log to MLflow
+    tvr pretrain [spec] [overrides]       image-text pre-training -> registered open_clip backbone
     tvr eval <spec | models:/name@alias> [--dsl] [--sinkhorn N] [--split S] [overrides]
 """
 
@@ -45,6 +46,7 @@ COMMAND_GROUPS = (
     "tvr_platform.tune.cli",       # tvr tune, tvr registry promote
     "tvr_platform.search.cli",     # tvr index build, tvr search
     "tvr_platform.bench.cli",      # tvr bench methods
+    "tvr_platform.pretrain.cli",   # tvr pretrain
 )
 
 

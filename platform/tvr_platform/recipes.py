@@ -44,6 +44,12 @@ def train(job: JobCfg, *, register: bool | None = None) -> dict[str, Any]:
     from tvr_platform.runs import COMPLETE_TAG, REGISTERED_TAG, check_resume, completed_report, is_complete
     from tvr_platform.train.trainer import run_training
 
+    if (job.model.backbone.pretrained or "").startswith("models:/"):
+        # A registered backbone (`tvr pretrain`): the driver builds the method too (registration,
+        # evaluation), so resolve it to its local checkpoint once, here, for driver and workers.
+        from tvr_platform.train.trainer import resolve_pretrained
+
+        job.model.backbone.pretrained = resolve_pretrained(job)
     existing = check_resume(job)  # raises RunMismatch (one line) before any Ray work
     logs.attach(job.work_dir)
     if existing is not None and is_complete(job, existing):

@@ -156,6 +156,10 @@ def check_cpu_budget(job: JobCfg) -> None:
 def resolve_pretrained(job: JobCfg) -> str | None:
     """An s3:// backbone checkpoint is downloaded once to the work dir; tags and paths pass through."""
     ref = job.model.backbone.pretrained
+    if ref and ref.startswith("models:/"):       # a backbone registered by `tvr pretrain`
+        from tvr_platform.pretrain.recipe import resolve_backbone_ref
+
+        return resolve_backbone_ref(ref, job.work_dir, job.tracking_uri)
     if not ref or not ref.startswith("s3://"):
         return ref
     from tvr_platform.storage import open_storage
