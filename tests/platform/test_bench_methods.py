@@ -70,3 +70,106 @@ def test_two_stage_recall_counts_hits_and_equals_exhaustive_when_keeping_all():
     assert out["exhaustive_R1"] == pytest.approx(100 * (rank1 == caption_video).double().mean().item())
     assert out["two_stage_R1"] == out["exhaustive_R1"] and out["two_stage_R5"] == out["exhaustive_R5"]
     assert out["topk_kept"] == 1.0 and out["candidates"] == 6
+
+
+def _meanp():
+    from tvr.backbone import BackboneCfg, ClipBackbone
+    from tvr.methods import METHODS, build_method
+
+    torch.manual_seed(0)
+    return build_method("meanp", METHODS["meanp"].config_cls(), ClipBackbone(BackboneCfg(name="tvr-tiny"))).eval()
+
+
+def test_per_type_metrics_and_twin_accuracy_match_a_float64_reference():
+    from tvr_platform.bench.methods import per_type_metrics, twin_index
+
+    g = torch.Generator().manual_seed(7)
+    n_v, ids = 7, [f"video{i}" for i in (0, 1, 2, 3, 4, 5, 8)]        # video8's twin (video9) is not in the split
+    twins = twin_index(ids)
+    assert twins == [1, 0, 3, 2, 5, 4, -1]
+    caption_video = torch.tensor([0, 0, 1, 2, 3, 3, 4, 5, 6, 6, 1])         # video 2 has no static caption
+    types = ["temporal", "static", "temporal", "static", "temporal", "static", "temporal", "temporal",
+             "temporal", "static", "static"]
+    text = {"text": torch.randn(len(types), 32, generator=g)}
+    video = {"video": torch.randn(n_v, 32, generator=g)}
+    video["video"][1] = video["video"][0]                            # a tie between twins counts one half
+    method = _meanp()
+    from tvr_platform.report.scoring import evaluate_method
+
+    _, ranks = evaluate_method(method, text, video, caption_video, block=4, dsl=False, sinkhorn_iters=0)
+    out = per_type_metrics(method, text, video, caption_video, types, twins, ranks.t2v)
+    t = torch.nn.functional.normalize(text["text"].double(), dim=-1)
+    v = torch.nn.functional.normalize(video["video"].double(), dim=-1)
+    sims = t @ v.t()
+    for kind in ("static", "temporal"):
+        idx = [j for j, k in enumerate(types) if k == kind]
+        # tvr.metrics' tie rule: a tied clip with a lower index ranks first
+        ranks = [int((sims[j] > sims[j, caption_video[j]] + 1e-12).sum()
+                     + ((sims[j] - sims[j, caption_video[j]]).abs() <= 1e-12)[:caption_video[j]].sum()) + 1
+                 for j in idx]
+        assert out[f"{kind}_t2v_R1"] == pytest.approx(100 * sum(r == 1 for r in ranks) / len(idx))
+        assert out[f"{kind}_t2v_R5"] == pytest.approx(100 * sum(r <= 5 for r in ranks) / len(idx))
+        assert out[f"{kind}_t2v_MnR"] == pytest.approx(sum(ranks) / len(idx))
+    wins = []
+    for j in (j for j, k in enumerate(types) if k == "temporal" and twins[int(caption_video[j])] >= 0):
+        a, b = sims[j, caption_video[j]], sims[j, twins[int(caption_video[j])]]
+        wins.append(1.0 if a > b + 1e-12 else 0.5 if abs(a - b) <= 1e-12 else 0.0)
+    assert 0.5 in wins and len(wins) == 5                           # video8's caption has no twin
+    assert out["temporal_twin_acc"] == pytest.approx(100 * sum(wins) / len(wins))
+
+
+def test_caption_types_follow_the_evaluation_order_of_the_manifest(tmp_path):
+    from tvr.data.synthetic import synthesize
+    from tvr_platform.bench.methods import caption_types
+    from tvr_platform.config import load_job
+    from tvr_platform.data.pipeline import load_manifest
+
+    res = synthesize(tmp_path, num_clips=8, seconds=1.0, size=32, captions="mixed", seed=2)
+    for mode in ("all", "first"):
+        job = load_job(None, [f"data.root={tmp_path}", f"data.eval_captions={mode}"])
+        manifest = load_manifest(job, "test")
+        types = caption_types(job, manifest)
+        caps, vids = manifest.first_captions() if mode == "first" else (manifest.captions, manifest.caption_video)
+        assert len(types) == len(caps) and set(types) <= {"static", "temporal"}
+        for c, v, t in zip(caps, vids, types, strict=True):
+            vid = manifest.video_ids[v]
+            assert res.caption_types[vid][res.captions[vid].index(c)] == t
+
+
+def test_only_selects_an_exact_label_alone_or_every_label_containing_it():
+    from tvr_platform.bench.methods import select_variants
+
+    assert [v.label for v in select_variants(["meanP (CLIP4Clip)"])] == ["meanP (CLIP4Clip)"]
+    assert {v.label for v in select_variants(["vop"])} == {"VoP-P", "VoP-C", "VoP-F", "VoP (full)"}
+    with pytest.raises(ValueError, match="matches none"):
+        select_variants(["nope"])
+
+
+def test_every_variant_starts_from_the_given_backbone_except_the_random_init_reference(tmp_path):
+    from tvr_platform.bench.methods import LR_SPLITS
+    from tvr_platform.config import load_job
+
+    ckpt = tmp_path / "open_clip_model.pt"
+    ckpt.write_bytes(b"")
+    for variant in VARIANTS:
+        job = load_job(None, resolve_overrides(variant, 0, tmp_path, [], str(ckpt)))
+        assert job.data.synth.captions == "mixed" and job.dataset_uri.endswith("datasets/synthetic-mixed")
+        if "random init" in variant.label:
+            assert job.model.backbone.pretrained is None
+        else:
+            assert job.model.backbone.pretrained == str(ckpt)
+            assert (job.train.lr, job.train.backbone_lr) == LR_SPLITS[job.model.method]
+            assert job.train.lr > job.train.backbone_lr                # each paper's split: small backbone lr
+
+
+def test_markdown_table_has_the_per_caption_type_breakdown():
+    rows = []
+    for seed, (s1, t1) in enumerate(((40.0, 10.0), (50.0, 20.0))):
+        row = _row("X-Pool", seed, 20.0, 5.0)
+        row["metrics"].update({"static_t2v_R1": s1, "static_t2v_R5": 80.0, "temporal_t2v_R1": t1,
+                               "temporal_t2v_R5": 30.0, "temporal_twin_acc": 50.0})
+        rows.append(row)
+    table = markdown_table(rows)
+    assert "| method | static R1 | static R5 | temporal R1 | temporal R5 | twin acc |" in table
+    sd = statistics.stdev([40.0, 50.0])
+    assert f"| X-Pool | 45.0 ± {sd:.1f} | 80.0 ± 0.0 | 15.0 ± {sd:.1f} | 30.0 ± 0.0 | 50.0 ± 0.0 |" in table
