@@ -95,8 +95,9 @@ def test_miniature_benchmark_pretrained_backbone_beats_random_init_on_static_que
     fine-tuned from that backbone vs meanP from random init, same data, budget and seed."""
     from tvr_platform.bench.methods import run_benchmark
 
-    budget = ["data.synth.num_clips=48", "train.epochs=4", "data.num_frames=2"]
-    pre = ["data.synth.num_clips=160", "train.epochs=6"]
+    budget = ["data.synth.num_clips=64", "data.synth.test_fraction=0.5", "train.epochs=2", "data.num_frames=2",
+              "train.eval_every=100"]                                    # 32 test clips = 32 static queries
+    pre = ["data.synth.num_clips=192", "data.batch_size=16", "train.epochs=8", "train.eval_every=100"]
     import tvr_platform.bench.methods as bench
 
     saved = bench.PRETRAIN_BUDGET
