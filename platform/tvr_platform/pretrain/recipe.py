@@ -96,9 +96,11 @@ def register_backbone(job: JobCfg, checkpoint: Path, run_id: str, metrics: dict[
 
 def pretrain(job: JobCfg, *, register: bool = True) -> dict[str, Any]:
     """Generate the static set if missing, train (Ray Data + Ray Train), export + register."""
+    from tvr_platform import logs
     from tvr_platform.recipes import METRIC_ORDER, ensure_synthetic
     from tvr_platform.train.trainer import run_training
 
+    logs.attach(job.work_dir)           # Ray / MLflow output to <work_dir>/logs, as `tvr train`
     ensure_synthetic(job)
     result = run_training(job)
     tracker = result.tracker
