@@ -6,6 +6,10 @@
     tvr train <spec> [overrides]          train with Ray Train (+ DeepSpeed), log to MLflow
     tvr pretrain [spec] [overrides]       image-text pre-training -> registered open_clip backbone
     tvr eval <spec | models:/name@alias> [--dsl] [--sinkhorn N] [--split S] [overrides]
+    tvr data check <folder> [--format F] [--split S]   validate a dataset folder, print its counts
+    tvr config list | show NAME [overrides]            the job specs shipped with tvr
+
+Full reference: docs/commands.md.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from tvr_platform.data.cli import add_prepare
 # torch, open_clip, ray, mlflow and even the config tree (it imports the method table) load only
 # inside the command that needs them (tests/platform/test_cli.py checks sys.modules).
 REPO_JOBS = Path(__file__).resolve().parents[2] / "jobs"
+if not REPO_JOBS.is_dir():  # installed from a wheel: the specs shipped inside the package
+    REPO_JOBS = Path(__file__).resolve().parent / "jobs"
 
 
 def load_job(spec, overrides=()):  # noqa: ANN001 - the config module is imported on first use
@@ -127,6 +133,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config_list(args: argparse.Namespace) -> int:
+    from tvr_platform.specs import header, jobs_dir, shipped
+
+    specs = shipped()
+    width = max(len(n) for n in specs)
+    print(f"[tvr] job specs shipped with tvr ({jobs_dir()}); `tvr config show NAME` prints one resolved")
+    for name, path in specs.items():
+        print(f"  {name:<{width}}  {header(path)}")
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    from tvr_platform.config import job_to_yaml
+
+    job = load_job(args.name, args.overrides)
+    if args.raw:
+        from tvr_platform.specs import resolve_spec
+
+        print(resolve_spec(args.name).read_text(), end="")
+    else:
+        print(job_to_yaml(job), end="")
+    return 0
+
+
 def _spec_command(sub, name: str, handler, help_text: str, spec_optional: bool = False) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help_text)
     p.add_argument("spec", nargs="?" if spec_optional else None, help="YAML job spec")
@@ -153,12 +183,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sinkhorn", type=int, metavar="N", help="Sinkhorn-Knopp iterations (= eval.sinkhorn_iters=N)")
     p.add_argument("--split", metavar="S", help="dataset split to evaluate (= data.test_split=S)")
     p.set_defaults(func=cmd_eval)
+    config = sub.add_parser("config", help="the job specs shipped with tvr").add_subparsers(
+        dest="config_command", required=True)
+    config.add_parser("list", help="list the shipped job specs").set_defaults(func=cmd_config_list)
+    p = config.add_parser("show", help="print a job spec resolved (defaults < YAML < overrides)")
+    p.add_argument("name", help="a shipped spec (train, jobs/train.yaml) or a YAML file")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p.add_argument("--raw", action="store_true", help="the file as written (with its comments), no overrides")
+    p.set_defaults(func=cmd_config_show)
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
     _spec_command(data, "synth", cmd_synth, "write the synthetic clip set", spec_optional=True)
     add_prepare(data)                                                   # tvr data prepare (frame cache)
     for module in COMMAND_GROUPS:
         importlib.import_module(module).add_subcommands(sub)
     return parser
+
+
+def reference_markdown() -> str:
+    """docs/commands.md: every command's ``--help``, generated from the parser (a test keeps the
+    file equal to it: ``python -c 'from tvr_platform.cli import reference_markdown as r; print(r(), end="")'
+    > docs/commands.md``)."""
+    old = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "100"
+    try:
+        parser = build_parser()
+        parts = ["# Command reference", "",
+                 "Generated from the command line's own `--help` (`tests/platform/test_docs.py` keeps it current).",
+                 "Every command that takes a job spec also takes `key.sub=value` overrides of the config tree",
+                 "(`tvr config show NAME` prints a spec resolved, with every key). `tvr -v COMMAND` shows Ray's and",
+                 "MLflow's own logs, which otherwise go to `<run.work_dir>/logs/`.", ""]
+
+        def walk(p: argparse.ArgumentParser, path: list[str]) -> None:
+            parts.extend([f"## `{' '.join(path)}`", "", "```", p.format_help().rstrip(), "```", ""])
+            for action in p._actions:
+                if isinstance(action, argparse._SubParsersAction):
+                    for name, child in action.choices.items():
+                        walk(child, [*path, name])
+
+        walk(parser, ["tvr"])
+        return "\n".join(parts)
+    finally:
+        if old is None:
+            os.environ.pop("COLUMNS", None)
+        else:
+            os.environ["COLUMNS"] = old
 
 
 def main(argv: list[str] | None = None) -> int:

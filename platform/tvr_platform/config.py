@@ -204,7 +204,9 @@ def load_job(spec: str | os.PathLike | None = None, overrides: list[str] | tuple
     schema = OmegaConf.structured(JobCfg)
     layers = []
     if spec is not None:
-        path = Path(spec)
+        from tvr_platform.specs import resolve_spec
+
+        path = resolve_spec(spec)  # jobs/train.yaml outside a checkout: the shipped spec
         if not path.is_file():
             raise ConfigError(f"{path}: job spec file not found")
         try:

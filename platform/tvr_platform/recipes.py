@@ -59,7 +59,9 @@ def train(job: JobCfg, *, register: bool | None = None) -> dict[str, Any]:
     wall = time.time() - t0
     metrics = {k: v for k, v in result.metrics.items() if k in METRIC_ORDER}
     tracker = result.tracker
-    tracker.log_metrics({f"final/{k}": v for k, v in metrics.items()} | {"final/wall_s": wall})
+    # final/* (what Tune and promotion read) and <split>/* (the names `tvr eval` logs too)
+    tracker.log_metrics({f"final/{k}": v for k, v in metrics.items()} | {"final/wall_s": wall}
+                        | {f"{job.data.test_split}/{k}": v for k, v in metrics.items()})
     report = {"run": job.run.name, "method": job.model.method, "metrics": metrics, "wall_s": wall,
               "checkpoint": result.checkpoint_path}
     name = job.tracking.registered_model
@@ -81,6 +83,34 @@ def train(job: JobCfg, *, register: bool | None = None) -> dict[str, Any]:
     return report
 
 
+def check_model_uri(model_uri: str, tracking_uri: str) -> None:
+    """``models:/name@alias`` or ``models:/name/version`` must name a registered version: else one
+    line (a ConfigError) naming what exists. Reads only: a missing SQLite store is not created."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from tvr_platform.config import ConfigError
+
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///"):]).exists():
+        raise ConfigError(f"{model_uri}: no MLflow store at {tracking_uri} (nothing trained or registered from "
+                          "this run.work_dir yet; set run.work_dir=... or tracking.uri=...)")
+    ref = model_uri[len("models:/"):]
+    name, _, alias = ref.partition("@")
+    version = None
+    if not alias:
+        name, _, version = ref.rpartition("/")
+    client = MlflowClient(tracking_uri)
+    try:
+        if alias:
+            client.get_model_version_by_alias(name, alias)
+        else:
+            client.get_model_version(name, version)
+    except MlflowException:
+        known = sorted(m.name for m in client.search_registered_models(max_results=20))
+        raise ConfigError(f"{model_uri}: no such registered model version in {tracking_uri} "
+                          f"(registered models: {', '.join(known) or 'none'})") from None
+
+
 def load_eval_target(target: str, overrides: list[str], tracking_uri: str | None = None
                      ) -> tuple[JobCfg, torch.nn.Module]:
     """A registered model (models:/name@alias) or a job spec's exported weights -> (job, method)."""
@@ -88,6 +118,7 @@ def load_eval_target(target: str, overrides: list[str], tracking_uri: str | None
 
     if target.startswith("models:/"):
         base = load_job(None, overrides)
+        check_model_uri(target, tracking_uri or base.tracking_uri)
         job_file, weights = download_model(target, tracking_uri or base.tracking_uri)
         job, method = build_from_artifacts(job_file, weights)
         if overrides:  # e.g. a different split, eval flags or data root for the same model
@@ -143,32 +174,69 @@ def eval_report(job: JobCfg, method: torch.nn.Module, text, video, caption_video
     return report
 
 
+def eval_run_name(target: str, job: JobCfg, tracking_uri: str) -> tuple[str, dict[str, str]]:
+    """``eval-<model>-v<version>-<split>`` for a registered model (the alias resolved to its version),
+    ``eval-<run.name>-<split>`` for a spec's exported weights; plus the tags linking the run to it."""
+    split = job.data.test_split
+    if not target.startswith("models:/"):
+        return f"eval-{job.run.name}-{split}", {"tvr.eval_of_run": job.run.name}
+    from tvr_platform.search.index import pin_model_version
+
+    pinned = pin_model_version(target, tracking_uri)
+    name, version = pinned[len("models:/"):].rsplit("/", 1)
+    from mlflow.tracking import MlflowClient
+
+    mv = MlflowClient(tracking_uri).get_model_version(name, version)
+    return f"eval-{name}-v{version}-{split}", {"tvr.model_uri": target, "tvr.model_name": name,
+                                                 "tvr.model_version": version, "tvr.model_run_id": mv.run_id or ""}
+
+
 def evaluate_model(target: str, overrides: list[str], tracking_uri: str | None = None) -> dict[str, Any]:
     """Evaluate a registered model (models:/name@alias) or a job spec's exported weights: JSON report
-    + PNG plots under ``<work_dir>/reports/eval-<run>/``, logged to a new MLflow run."""
+    + PNG plots under a new ``<work_dir>/reports/<eval run name>-<UTC time>/``, logged to a new MLflow
+    run named ``eval-<model>-v<version>-<split>``, linked to the model version (tags both ways), with
+    the metric names of training runs (``<split>/t2v_R1``, ...)."""
+    from tvr_platform import logs
     from tvr_platform.report import write_plots
     from tvr_platform.tracking import start_run
 
     job, method = load_eval_target(target, overrides, tracking_uri)
+    logs.attach(job.work_dir)
     split = job.data.test_split
-    text, video, caption_video = embed_split(job, method, split)
-    meta = {"target": target, "method": job.model.method, "backbone": job.model.backbone.name,
-            "split": split, "dataset": job.dataset_uri, "num_videos": int(caption_video.max()) + 1,
-            "num_texts": int(caption_video.numel()), "dsl": job.eval.dsl,
-            "sinkhorn_iters": job.eval.sinkhorn_iters}
-    full = eval_report(job, method, text, video, caption_video, meta)
-    out_dir = Path(job.work_dir) / "reports" / f"eval-{job.run.name}"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / "eval.json"
-    out.write_text(json.dumps(full, indent=1))
-    plots = write_plots(full, out_dir)
-    tracker = start_run(job, run_name=f"eval-{job.run.name}-{int(time.time())}")
-    tracker.log_metrics(full["metrics"])
-    tracker.log_artifact(out, "report")
-    for p in plots:
-        tracker.log_artifact(p, "report/plots")
+    run_name, link = eval_run_name(target, job, tracking_uri or job.tracking_uri)
+    tracker = start_run(job, run_name=f"{run_name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
+    tracker.client.set_tag(tracker.run_id, "mlflow.runName", run_name)
+    tracker.set_tags({**link, "tvr.eval_split": split})
+    try:
+        text, video, caption_video = embed_split(job, method, split)
+        meta = {"target": target, "method": job.model.method, "backbone": job.model.backbone.name,
+                "split": split, "dataset": job.dataset_uri, "num_videos": int(caption_video.max()) + 1,
+                "num_texts": int(caption_video.numel()), "dsl": job.eval.dsl,
+                "sinkhorn_iters": job.eval.sinkhorn_iters, "model": link.get("tvr.model_name"),
+                "model_version": link.get("tvr.model_version")}
+        full = eval_report(job, method, text, video, caption_video, meta)
+        out_dir = Path(job.work_dir) / "reports" / f"{run_name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+        base, i = out_dir, 2
+        while out_dir.exists():  # never overwrite an earlier report (two evals within a second)
+            out_dir, i = base.with_name(f"{base.name}.{i}"), i + 1
+        out_dir.mkdir(parents=True)
+        out = out_dir / "eval.json"
+        out.write_text(json.dumps(full, indent=1))
+        plots = write_plots(full, out_dir)
+        tracker.log_metrics({f"{split}/{k}": v for k, v in full["metrics"].items()})
+        tracker.log_artifact(out, "report")
+        for p in plots:
+            tracker.log_artifact(p, "report/plots")
+        if link.get("tvr.model_version"):
+            from mlflow.tracking import MlflowClient
+
+            MlflowClient(tracker.tracking_uri).set_model_version_tag(
+                link["tvr.model_name"], link["tvr.model_version"], f"eval_run.{split}", tracker.run_id)
+    except BaseException:
+        tracker.terminate("FAILED")
+        raise
     tracker.terminate()
-    report = {**meta, "metrics": full["metrics"], "report_file": str(out),
+    report = {**meta, "metrics": full["metrics"], "report_file": str(out), "run_name": run_name,
               "plots": [str(p) for p in plots], "mlflow": tracker.url()}
     if "modality_gap" in full:
         report["modality_gap"] = full["modality_gap"]["gap"]

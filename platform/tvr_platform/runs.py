@@ -118,3 +118,86 @@ def next_free_name(job: JobCfg) -> str:
         if not local and find_run(job, name) is None:
             return name
     raise ConfigError(f"run.name={base}: no free '-N' suffix below 10000; pick a run.name")
+
+
+# -- what a run says about itself (MLflow conventions) --------------------------------------------
+
+def applicable_params(job: JobCfg, params: dict[str, Any]) -> dict[str, Any]:
+    """The flattened config less the sections this job does not use: ``tune.*`` without a search
+    space, ``captions.*`` unless ExCae or generated captions are involved, ``data.synth.*`` for a
+    real data set (``data.root`` set); other methods' sections are already left out by flatten."""
+    drop = []
+    if not job.tune.search_space:
+        drop.append("tune.")
+    if job.model.method != "excae" and not job.data.aux_captions:
+        drop.append("captions.")
+    if job.data.root:
+        drop.append("data.synth.")
+    return {k: v for k, v in params.items() if not k.startswith(tuple(drop))}
+
+
+def describe(job: JobCfg) -> str:
+    """``mlflow.note.content``: what the run is, in one paragraph (Markdown)."""
+    data = job.data.root or "the generated synthetic set"
+    return (f"**{job.model.method}** on `{job.model.backbone.name}`"
+            f"{f' (pretrained `{job.model.backbone.pretrained}`)' if job.model.backbone.pretrained else ''}, "
+            f"{job.data.num_frames} frames per clip, data `{data}` ({job.data.format} format; train split "
+            f"`{job.data.train_split}`, test split `{job.data.test_split}`), {job.train.epochs} epochs, "
+            f"{max(job.train.num_workers, 1)} x {job.data.batch_size} clips per step, {job.train.strategy}"
+            f"{f' ZeRO-{job.train.zero_stage}' if job.train.strategy == 'deepspeed' else ''}. Run `{job.run.name}`.")
+
+
+def source_tags(job: JobCfg, argv: list[str] | None = None) -> dict[str, str]:
+    """MLflow's own source tags: what ran (``mlflow.source.name``), where from (LOCAL, or JOB for a
+    submitted Ray job), the git commit (``TVR_GIT_COMMIT`` from ``tvr submit`` on a cluster, where the
+    shipped code has no .git), the user and a generated description."""
+    import getpass
+    import os
+    import sys
+
+    from tvr_platform.tracking import RAY_JOB_ENV, git_commit
+
+    argv = sys.argv if argv is None else argv
+    command = "tvr " + next((a for a in argv[1:] if not a.startswith("-")), "") if argv else "tvr"
+    commit = os.environ.get("TVR_GIT_COMMIT") or git_commit()
+    try:
+        user = os.environ.get("TVR_SUBMITTED_BY") or getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    tags = {"mlflow.source.name": command.strip(), "mlflow.source.type": "JOB" if os.environ.get(RAY_JOB_ENV)
+            else "LOCAL", "mlflow.user": user, "mlflow.note.content": describe(job),
+            "tvr.dataset": job.data.root or "synthetic"}
+    if commit != "unknown":
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def manifest_digest(manifest: Any) -> str:
+    """A short digest that changes with any video id, file or caption of the split."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256(json.dumps([manifest.video_ids, manifest.video_files, manifest.captions,
+                                   manifest.caption_video]).encode())
+    return h.hexdigest()[:16]
+
+
+def log_dataset_inputs(tracker: Any, job: JobCfg, manifests: dict[str, Any]) -> None:
+    """``log_input`` of each split (context train / test) as an MLflow dataset named after the data
+    set and split, its source the dataset URI, its digest that of the manifest."""
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+    import warnings
+
+    with warnings.catch_warnings():  # "can be interpreted in multiple ways" for local paths
+        warnings.simplefilter("ignore")
+        source = resolve_dataset_source(job.dataset_uri)  # local path or s3:// (an artifact source; no fetch)
+    kind = job.data.format if job.data.root else "synthetic"
+    inputs = []
+    for context, m in manifests.items():
+        ds = MetaDataset(source=source, name=f"{kind}-{m.split}", digest=manifest_digest(m))
+        inputs.append(DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]))
+    tracker.client.log_inputs(tracker.run_id, datasets=inputs)

@@ -126,6 +126,8 @@ def start_run(job: JobCfg, *, nested_in: str | None = None, run_name: str | None
     else:
         run_id = client.create_run(exp_id, run_name=name, tags=tags).info.run_id
     tracker = Tracker(job.tracking_uri, run_id)
-    tracker.set_tags(tags)
-    tracker.log_params(flatten(job))
+    from tvr_platform.runs import applicable_params, source_tags
+
+    tracker.set_tags({**source_tags(job), **tags})  # mlflow.source.*, mlflow.user, mlflow.note.content
+    tracker.log_params(applicable_params(job, flatten(job)))
     return tracker

@@ -144,3 +144,54 @@ def test_data_check_reads_the_real_jsfusion_test_split():
 
     (test,) = check_dataset("/work/shared/datasets/msrvtt", "msrvtt", ["test"])
     assert (test["videos"], test["captions"], test["dropped"]) == (1000, 1000, 0)
+
+
+# -- tvr eval on a model that is not there ------------------------------------------------------
+
+def test_eval_of_an_unknown_model_is_one_line_and_creates_nothing(tmp_path, capsys, monkeypatch):
+    from tvr_platform.cli import main
+    from tvr_platform.tracking import start_run
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", "models:/nope@champion"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no MLflow store" in err[0] and "models:/nope@champion" in err[0]
+    assert list(tmp_path.iterdir()) == []  # no mlflow.db, no tvr-work
+    start_run(_job(tmp_path / "w")).terminate()  # a store exists, the model does not
+    capsys.readouterr()
+    assert main(["eval", "models:/nope/3", f"run.work_dir={tmp_path / 'w'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no such registered model version" in err[0] and "none" in err[0]
+
+
+# -- MLflow: self-describing runs ---------------------------------------------------------------
+
+def test_runs_carry_source_user_description_dataset_and_only_their_sections(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from tvr.data.annotations import Manifest
+    from tvr_platform.runs import log_dataset_inputs, manifest_digest
+    from tvr_platform.tracking import start_run
+
+    monkeypatch.setenv("TVR_GIT_COMMIT", "abc123")
+    job = _job(tmp_path, "model.method=tmass")
+    tracker = start_run(job)
+    m = Manifest(dataset="msrvtt", split="train", video_ids=["v0", "v1"], video_files=["v0.mp4", "v1.mp4"],
+                 captions=["a", "b", "c"], caption_video=[0, 0, 1])
+    log_dataset_inputs(tracker, job, {"train": m})
+    run = MlflowClient(job.tracking_uri).get_run(tracker.run_id)
+    tags, params = run.data.tags, run.data.params
+    assert tags["mlflow.source.git.commit"] == "abc123" and tags["mlflow.source.type"] == "LOCAL"
+    assert tags["mlflow.source.name"].startswith("tvr") and tags["mlflow.user"]
+    assert "**tmass** on `tvr-small`" in tags["mlflow.note.content"] and tags["tvr.dataset"] == "synthetic"
+    assert "model.tmass.support_weight" in params and "data.synth.num_clips" in params
+    assert not [k for k in params if k.startswith(("tune.", "captions.", "model.meanp."))]
+    (inp,) = run.inputs.dataset_inputs
+    assert inp.dataset.name == "synthetic-train" and inp.dataset.digest == manifest_digest(m)
+    assert [(t.key, t.value) for t in inp.tags] == [("mlflow.data.context", "train")]
+    m2 = Manifest(dataset="msrvtt", split="train", video_ids=["v0", "v1"], video_files=["v0.mp4", "v1.mp4"],
+                  captions=["a", "b", "d"], caption_video=[0, 0, 1])
+    assert manifest_digest(m2) != manifest_digest(m)
+    real = start_run(_job(tmp_path, "data.root=/data/msrvtt", "run.name=real"))
+    params = MlflowClient(job.tracking_uri).get_run(real.run_id).data.params
+    assert params["data.root"] == "/data/msrvtt" and not [k for k in params if k.startswith("data.synth.")]

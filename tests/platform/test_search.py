@@ -4,6 +4,9 @@ model trained on the synthetic set."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -172,10 +175,14 @@ def test_index_round_trip_finds_the_captioned_clip(tmp_path, capsys):
     assert main(["search", captions[0], *wd, "--top-k", "2"]) == 0
     out = capsys.readouterr().out
     assert "48 clips, meanp (exhaustive)" in out and out.count(".mp4") == 2
+    first_caption = dict(zip(reversed(files), reversed(captions)))  # each clip's first caption
+    assert main(["search", captions[0], *wd, "--top-k", "2", "--json"]) == 0
+    found_json = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [h["rank"] for h in found_json["hits"]] == [1, 2] and found_json["mode"] == "exhaustive"
+    for h in found_json["hits"]:
+        assert h["caption"] == first_caption[h["video_id"]] and h["caption"] in out
 
     # the same registered model through `tvr eval`: JSON report + plots, logged to MLflow
-    import json
-
     from mlflow.tracking import MlflowClient
 
     assert main(["eval", model, *wd, "--dsl", "--split", "test"]) == 0
@@ -189,4 +196,10 @@ def test_index_round_trip_finds_the_captioned_clip(tmp_path, capsys):
                              filter_string="tags.`tvr.run_name` LIKE 'eval-%'")[0]
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "report/plots")}
     assert logged == {f"report/plots/{p}" for p in PLOTS}
-    assert run.data.metrics["t2v_R1"] == pytest.approx(report["metrics"]["t2v_R1"])
+    assert run.data.metrics["test/t2v_R1"] == pytest.approx(report["metrics"]["t2v_R1"])
+    assert run.info.run_name == "eval-tiny-search-v1-test" and run.data.tags["tvr.model_version"] == "1"
+    assert client.get_model_version("tiny-search", "1").tags["eval_run.test"] == run.info.run_id
+    # a second eval: a new report folder and run, the first one kept
+    assert main(["eval", model, *wd, "--split", "test"]) == 0
+    second = [x for x in capsys.readouterr().out.splitlines() if x.startswith("[tvr] report:")][0].split()[2]
+    assert second != report_line.split()[2] and Path(report_line.split()[2]).exists()

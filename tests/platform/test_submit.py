@@ -316,6 +316,15 @@ def test_relative_paths_ship_as_written_absolute_ones_as_given(spec, tmp_path, m
     assert any(w.startswith("run.work_dir='out' is not an absolute path") for w in sub.warnings)
 
 
+@pytest.mark.parametrize("override", ["data.root=data/msrvtt", "model.backbone.pretrained=ckpt.pt"])
+def test_relative_input_paths_are_rejected_before_submitting(spec, tmp_path, monkeypatch, override):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ckpt.pt").write_bytes(b"")
+    key = override.split("=")[0]
+    with pytest.raises(sb.SubmitError, match=rf"^{re.escape(key)}=.* is a relative path: .*absolute path"):
+        sb.prepare(spec, [override], checkout=None)
+
+
 def test_ship_code_false_ships_no_code(spec):
     sub = sb.prepare(spec, ["cluster.ship_code=false"])
     assert set(sub.runtime_env) == {"env_vars"} and sub.uploads == [] and sub.metadata["tvr_git_revision"] == ""

@@ -357,7 +357,9 @@ def keep_relative_paths(job: Any, spec: str | os.PathLike, overrides: Iterable[s
 
     from tvr_platform.config import JobCfg
 
-    written = OmegaConf.merge(OmegaConf.structured(JobCfg), OmegaConf.load(spec),
+    from tvr_platform.specs import resolve_spec
+
+    written = OmegaConf.merge(OmegaConf.structured(JobCfg), OmegaConf.load(resolve_spec(spec)),
                               OmegaConf.from_dotlist(list(overrides)))
     kept = []
     for key in PATH_KEYS:
@@ -370,6 +372,24 @@ def keep_relative_paths(job: Any, spec: str | os.PathLike, overrides: Iterable[s
             setattr(owner, leaf, value)
             kept.append(key)
     return kept
+
+
+INPUT_PATH_KEYS = ("data.root", "model.backbone.pretrained")
+"""Inputs a job reads: a relative path would resolve inside the job's (cached, shared) working
+directory on the cluster, where the data set or checkpoint is not -- rejected before submitting."""
+
+
+def reject_relative_inputs(kept: list[str], job: Any) -> None:
+    for key in kept:
+        if key in INPUT_PATH_KEYS:
+            *parents, leaf = key.split(".")
+            owner = job
+            for name in parents:
+                owner = getattr(owner, name)
+            raise SubmitError(
+                f"{key}={getattr(owner, leaf)!r} is a relative path: on the cluster it would resolve inside the "
+                "job's working directory, not this one; give an s3:// URI or an absolute path that exists on "
+                "every node")
 
 
 def _check_no_credentials(job: Any) -> None:
@@ -396,7 +416,7 @@ def prepare(spec: str | os.PathLike, overrides: Iterable[str] = (), *, command: 
     except ConfigError as err:
         raise SubmitError(f"invalid job spec: {err}") from None
     _check_no_credentials(job)
-    keep_relative_paths(job, spec, overrides)
+    reject_relative_inputs(keep_relative_paths(job, spec, overrides), job)
     spec_address = job.cluster.address
     job.cluster.address = "auto"  # the job's driver joins the cluster it runs on
     spec_yaml = job_to_yaml(job)
@@ -405,12 +425,17 @@ def prepare(spec: str | os.PathLike, overrides: Iterable[str] = (), *, command: 
     env_vars = {**job.cluster.env_vars, JOB_ID_ENV: sid, SPEC_NAME_ENV: Path(spec).name, SPEC_ENV: spec_yaml}
     runtime_env: dict[str, Any] = {"env_vars": env_vars}
     root = find_checkout() if checkout == "auto" else (Path(checkout) if checkout else None)
+    revision = _git_revision(root) if job.cluster.ship_code else ""
+    if revision and revision != "unknown":  # the shipped code has no .git: the MLflow run's commit tag
+        env_vars["TVR_GIT_COMMIT"] = revision
+    if _user():
+        env_vars["TVR_SUBMITTED_BY"] = _user()
     uploads: list[Upload] = []
     if job.cluster.ship_code:
         code_env, uploads = code_runtime_env([*DEFAULT_EXCLUDES, *job.cluster.excludes], root, max_upload_bytes)
         runtime_env.update(code_env)
     metadata = {"tvr_spec": Path(spec).name, "tvr_run": job.run.name, "tvr_method": job.model.method,
-                "tvr_command": command, "tvr_git_revision": _git_revision(root) if job.cluster.ship_code else "",
+                "tvr_command": command, "tvr_git_revision": revision,
                 "tvr_submitted_by": _user()}
     return Submission(
         submission_id=sid, entrypoint=f"python -m tvr_platform.cluster.launch {command}",

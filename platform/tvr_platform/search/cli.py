@@ -63,10 +63,50 @@ def cmd_search(args: argparse.Namespace) -> int:
     hits = searcher.search(args.query, args.top_k, args.candidates)
     ms = 1000 * (time.perf_counter() - t0)
     mode = "exhaustive" if args.candidates is None else f"two-stage, {args.candidates} candidates"
+    captions = clip_captions(searcher.index.meta, args.overrides)
+    rows = [{"rank": h.rank, "score": round(float(h.score), 6), "video_id": h.video_id,
+             "caption": captions.get(h.video_id)} for h in hits]
+    if args.json:
+        print(json.dumps({"query": args.query, "clips": len(searcher.index), "method": searcher.index.meta["method"],
+                          "mode": mode, "ms": round(ms, 1), "hits": rows}))
+        return 0
     print(f"[tvr] {len(searcher.index)} clips, {searcher.index.meta['method']} ({mode}), {ms:.1f} ms")
-    for h in hits:
-        print(f"{h.rank:>3}  {h.score:8.4f}  {h.video_id}")
+    width = max([len(r["video_id"]) for r in rows] or [0])
+    for r in rows:
+        caption = f"  {r['caption']}" if r["caption"] else ""
+        print(f"{r['rank']:>3}  {r['score']:8.4f}  {r['video_id']:<{width}}{caption}")
     return 0
+
+
+def clip_captions(meta: dict, overrides: list[str]) -> dict[str, str]:
+    """video file -> its first caption, when the indexed folder is the videos folder of a dataset
+    the model's data.format can read (its parent holds the annotations); {} otherwise."""
+    from tvr.data.annotations import AnnotationError, read_manifest
+    from tvr_platform.config import ConfigError, load_job
+    from tvr_platform.storage import StorageError, open_storage
+
+    try:
+        job = load_job(None, [f"data.format={load_job_format(meta)}", *overrides])
+        root = meta["videos"].rstrip("/").rsplit("/", 1)[0]
+        source = open_storage(root, endpoint_url=job.storage.endpoint_url, region=job.storage.region)
+    except (ConfigError, StorageError, KeyError, ValueError):
+        return {}
+    out: dict[str, str] = {}
+    for split in (job.data.train_split, job.data.test_split):
+        try:
+            m = read_manifest(source, job.data.format, split)
+        except (AnnotationError, StorageError, OSError):
+            continue
+        for c, v in zip(m.captions, m.caption_video):
+            out.setdefault(m.video_files[v], c)
+    return out
+
+
+def load_job_format(meta: dict) -> str:
+    """The data.format of the job that built the index (recorded in its meta)."""
+    import yaml
+
+    return ((yaml.safe_load(meta.get("job") or "") or {}).get("data") or {}).get("format", "msrvtt")
 
 
 def add_subcommands(sub) -> None:
@@ -87,5 +127,7 @@ def add_subcommands(sub) -> None:
     p.add_argument("--index", help="index URI (default: the last one `tvr index build` wrote)")
     p.add_argument("--candidates", type=int, help="two-stage: rerank this many coarse candidates "
                    "(default: exhaustive)")
+    p.add_argument("--json", action="store_true", help="print the hits as one JSON object (rank, score, "
+                   "video_id, caption)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides (run.work_dir, storage.*)")
     p.set_defaults(func=cmd_search)

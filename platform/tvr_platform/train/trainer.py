@@ -84,8 +84,11 @@ def run_training(job: JobCfg, *, callbacks: list | None = None, tracker: Tracker
     test_manifest = load_manifest(job, job.data.test_split)
     init_ray(job)
     if tracker is None:
+        from tvr_platform.runs import log_dataset_inputs
+
         tracker = start_run(job)
         tracker.log_text(job_to_yaml(job), "config/job.yaml")
+        log_dataset_inputs(tracker, job, {"train": train_manifest, "test": test_manifest})
         print(f"[tvr] MLflow run: {tracker.url()}", flush=True)  # in a submitted job's logs from the start
     check_cpu_budget(job)
     storage_path, storage_fs = run_storage(job)
