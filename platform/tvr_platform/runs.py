@@ -185,12 +185,11 @@ def manifest_digest(manifest: Any) -> str:
 def log_dataset_inputs(tracker: Any, job: JobCfg, manifests: dict[str, Any]) -> None:
     """``log_input`` of each split (context train / test) as an MLflow dataset named after the data
     set and split, its source the dataset URI, its digest that of the manifest."""
-    from mlflow.data.meta_dataset import MetaDataset
-    from mlflow.entities import DatasetInput, InputTag
+    import warnings
 
     from mlflow.data.dataset_source_registry import resolve_dataset_source
-
-    import warnings
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
 
     with warnings.catch_warnings():  # "can be interpreted in multiple ways" for local paths
         warnings.simplefilter("ignore")

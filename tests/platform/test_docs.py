@@ -60,7 +60,7 @@ def _key_exists(key: str) -> bool:
         cls = hints[part]
         if typing.get_origin(cls) is dict:  # free-form mappings (tune.search_space, cluster.env_vars)
             return i < len(parts)
-        if typing.get_origin(cls) in (typing.Union, getattr(__import__("types"), "UnionType")):
+        if typing.get_origin(cls) in (typing.Union, __import__("types").UnionType):
             cls = next((a for a in typing.get_args(cls) if a is not type(None)), cls)
     return not dataclasses.is_dataclass(cls)
 

@@ -356,7 +356,6 @@ def keep_relative_paths(job: Any, spec: str | os.PathLike, overrides: Iterable[s
     from omegaconf import OmegaConf
 
     from tvr_platform.config import JobCfg
-
     from tvr_platform.specs import resolve_spec
 
     written = OmegaConf.merge(OmegaConf.structured(JobCfg), OmegaConf.load(resolve_spec(spec)),
