@@ -70,7 +70,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     ensure_synthetic(job)
     print(f"[tvr] 2/3 training {job.model.method} on {job.model.backbone.name} "
           f"({job.train.num_workers} Ray Train workers, {job.train.strategy}), run {job.run.name}")
-    report = train(job, register=True)
+    report = train(job, register=True, force=args.force)
     reg = report.get("registered", {})
     if report.get("already_complete"):
         print(f"[tvr] run {job.run.name} is already complete: nothing trained or registered "
@@ -82,7 +82,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         print_table(f"Test split ({job.data.test_split}) after {job.train.epochs} epochs",
                     {k: report["metrics"][k] for k in METRIC_ORDER if k in report["metrics"]})
         print(f"\n[tvr] 3/3 registered models:/{reg.get('name')}/{reg.get('version')} (alias "
-              f"{job.tracking.alias}: {'moved' if reg.get('promoted') else 'kept on the better version'})")
+              f"{job.tracking.alias} {'moved' if reg.get('promoted') else 'not moved'}: {reg.get('reason')})")
     print(f"[tvr] MLflow: {report['mlflow']}")
     print(f"[tvr] look at it: mlflow ui --backend-store-uri {job.tracking_uri}")
     return 0
@@ -110,7 +110,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tvr_platform.recipes import METRIC_ORDER, print_table, train
 
     job = _new_run(load_job(args.spec, args.overrides), args)
-    report = train(job)
+    report = train(job, force=args.force)
     if report.get("already_complete"):
         print(f"[tvr] run {job.run.name} is already complete: nothing trained "
               f"(train again: --new or run.name=...; more epochs: a larger train.epochs)")
@@ -176,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
               _spec_command(sub, "train", cmd_train, "train a job spec with Ray Train")):
         p.add_argument("--new", action="store_true",
                        help="start a new run (<run.name>-N) instead of resuming run.name")
+        p.add_argument("--force", action="store_true", help="when registering: move the alias even if the "
+                       "model does not beat chance or the current champion")
     p = sub.add_parser("eval", help="evaluate a job spec's model or a registered model")
     p.add_argument("target", help="job spec path or models:/name@alias")
     p.add_argument("overrides", nargs="*")

@@ -36,12 +36,19 @@ def ensure_synthetic(job: JobCfg) -> None:
         synth_dataset(job)
 
 
-def train(job: JobCfg, *, register: bool | None = None) -> dict[str, Any]:
+def train(job: JobCfg, *, register: bool | None = None, force: bool = False) -> dict[str, Any]:
     """Train ``job`` (resuming its run when it has the same identity), log the final metrics,
     register when asked; a run that is already complete is reported, not retrained or re-registered."""
     from tvr_platform import logs
     from tvr_platform.registry import promote, register_model
-    from tvr_platform.runs import COMPLETE_TAG, REGISTERED_TAG, check_resume, completed_report, is_complete
+    from tvr_platform.runs import (
+        COMPLETE_TAG,
+        REGISTERED_TAG,
+        check_resume,
+        completed_report,
+        is_complete,
+        split_chance,
+    )
     from tvr_platform.train.trainer import run_training
 
     if (job.model.backbone.pretrained or "").startswith("models:/"):
@@ -73,14 +80,28 @@ def train(job: JobCfg, *, register: bool | None = None) -> dict[str, Any]:
             version = register_model(job, result.weights_path, tracker.run_id, name=name, metrics=metrics,
                                      tags={"git_commit": tracker.client.get_run(tracker.run_id).data.tags.get(
                                          "tvr.git_commit", "unknown")})
-        decision = promote(job.tracking_uri, name, version, champion=job.tracking.alias)
+        decision = promote(job.tracking_uri, name, version, champion=job.tracking.alias,
+                           chance=split_chance(job, "t2v_R1"), force=force)
         report["registered"] = {"name": name, "version": version, **decision}
         tracker.set_tags({REGISTERED_TAG: f"{name}/{version}"})
     tracker.log_dict(report, "report/train.json")
+    log_learning_curves(job, tracker)
     tracker.set_tags({COMPLETE_TAG: "true"})
     tracker.terminate("FINISHED")
     report["mlflow"] = tracker.url()
     return report
+
+
+def log_learning_curves(job: JobCfg, tracker) -> None:
+    """plots/learning_curves.png on the training run: per-epoch training loss and R@1 by step."""
+    from tvr_platform.report.plots import learning_curves
+
+    history = {name: [(m.step, m.value) for m in tracker.client.get_metric_history(tracker.run_id, name)]
+               for name in ("train_loss", "val/t2v_R1")}
+    out = Path(job.work_dir) / "reports" / job.run.name / "learning_curves.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    learning_curves(history, f"{job.run.name}: {job.model.method} on {job.model.backbone.name}", out)
+    tracker.log_artifact(out, "plots")
 
 
 def check_model_uri(model_uri: str, tracking_uri: str) -> None:

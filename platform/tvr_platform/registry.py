@@ -68,6 +68,25 @@ def build_from_artifacts(job_file: Path, weights_file: Path) -> tuple[JobCfg, to
     return job, method.eval()
 
 
+def signature():
+    """pyfunc signature: a ``text`` column of queries -> float32 embeddings (N, D)."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, Schema, TensorSpec
+
+    return ModelSignature(inputs=Schema([ColSpec("string", "text")]),
+                          outputs=Schema([TensorSpec(np.dtype("float32"), (-1, -1))]))
+
+
+def version_description(job: JobCfg, metrics: dict[str, float], run_id: str) -> str:
+    """The registered version's description, generated from its run."""
+    from tvr_platform.runs import describe
+
+    shown = ", ".join(f"{k} {v:.1f}" for k, v in metrics.items() if k in ("t2v_R1", "t2v_R5", "t2v_R10", "v2t_R1"))
+    return (f"{describe(job)} Trained in MLflow run {run_id}."
+            + (f" Split `{job.data.test_split}`: {shown}." if shown else ""))
+
+
 def register_model(job: JobCfg, weights_path: Path, run_id: str, *, name: str, metrics: dict[str, float],
                    tags: dict[str, str] | None = None, alias: str | None = None) -> str:
     """Log the model to ``run_id``, register it as a new version of ``name``, tag it, and (if
@@ -91,9 +110,12 @@ def register_model(job: JobCfg, weights_path: Path, run_id: str, *, name: str, m
                 name="model", python_model=_pyfunc_model_class()(),
                 artifacts={"weights": str(w), "job": str(j)},
                 pip_requirements=["tvr", "torch", "open_clip_torch"],
-                registered_model_name=name,
+                registered_model_name=name, signature=signature(),
             )
+            if metrics and getattr(info, "model_id", None):  # shown on the model (version) page
+                mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, model_id=info.model_id)
     version = str(info.registered_model_version)
+    client.update_model_version(name, version, description=version_description(job, metrics, run_id))
     all_tags = {"method": job.model.method, "backbone": job.model.backbone.name,
                 "tokenizer": f"open_clip:{job.model.backbone.name}",
                 "context_length": str(method.backbone.context_length),
@@ -107,9 +129,12 @@ def register_model(job: JobCfg, weights_path: Path, run_id: str, *, name: str, m
 
 
 def promote(tracking_uri: str, name: str, version: str, *, metric: str = "t2v_R1", mode: str = "max",
-            challenger: str = "challenger", champion: str = "champion") -> dict[str, Any]:
-    """Point ``challenger`` at ``version``; move ``champion`` too only if it beats the current
-    champion on ``metric`` (version tags ``metric.<metric>``, recorded on the same eval set)."""
+            challenger: str = "challenger", champion: str = "champion", chance: float | None = None,
+            force: bool = False) -> dict[str, Any]:
+    """Point ``challenger`` at ``version``; move ``champion`` too only if it beats ``chance`` (the
+    metric's value for random scores, when given) and the current champion on ``metric`` (version
+    tags ``metric.<metric>``, recorded on the same eval set) -- or ``force``. The returned
+    ``reason`` says why champion moved or stayed."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
@@ -126,9 +151,21 @@ def promote(tracking_uri: str, name: str, version: str, *, metric: str = "t2v_R1
         current.tags[k] == new.tags[k] for k in ("data_manifest_hash", "eval_split")
         if k in current.tags and k in new.tags))
     better = current is None or (same_eval and (score > cur_score if mode == "max" else score < cur_score))
-    if better:
+    beats_chance = chance is None or (score > chance if mode == "max" else score < chance)
+    if force:
+        reason = "forced"
+    elif not beats_chance:
+        reason = f"{metric} {score:.4g} does not beat chance ({chance:.4g}); --force to promote anyway"
+    elif not better:
+        reason = (f"{metric} {score:.4g} does not beat the champion's {cur_score:.4g}" if same_eval
+                  else "the champion was evaluated on another data set; --force to replace it")
+    else:
+        reason = "no champion yet" if current is None else f"beats the champion's {cur_score:.4g}"
+    moved = force or (better and beats_chance)
+    if moved:
         client.set_registered_model_alias(name, champion, version)
-    return {"version": version, "score": score, "champion_score": cur_score, "promoted": bool(better)}
+    return {"version": version, "score": score, "champion_score": cur_score, "promoted": bool(moved),
+            "chance": chance, "reason": reason}
 
 
 def download_model(model_uri: str, tracking_uri: str) -> tuple[Path, Path]:

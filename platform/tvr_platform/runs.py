@@ -200,3 +200,39 @@ def log_dataset_inputs(tracker: Any, job: JobCfg, manifests: dict[str, Any]) -> 
         ds = MetaDataset(source=source, name=f"{kind}-{m.split}", digest=manifest_digest(m))
         inputs.append(DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]))
     tracker.client.log_inputs(tracker.run_id, datasets=inputs)
+
+
+def chance_level(metric: str, num_videos: int, num_texts: int | None = None) -> float | None:
+    """The expected value of ``metric`` (``t2v_R5``, ``v2t_MnR``, ...; recalls in %) for random
+    scores on a split of ``num_videos`` clips and ``num_texts`` captions (default: one per clip).
+    t2v: each caption has one true clip among N, so R@K = K/N and the mean rank is (N+1)/2. v2t:
+    each clip has c = T/N true captions among T, so R@K = 1 - prod_{i<K} (T-c-i)/(T-i) and the first
+    true caption's mean rank is (T+1)/(c+1). MdR: taken as the mean rank (close for uniform ranks).
+    None for an unknown metric."""
+    direction, _, name = metric.partition("_")
+    n, t = num_videos, num_texts or num_videos
+    if direction not in ("t2v", "v2t") or n < 1:
+        return None
+    if name.startswith("R") and name[1:].isdigit():
+        k = int(name[1:])
+        if direction == "t2v":
+            return 100.0 * min(k / n, 1.0)
+        c, miss = max(t / n, 1.0), 1.0
+        for i in range(min(k, t)):
+            miss *= max(t - c - i, 0.0) / (t - i)
+        return 100.0 * (1.0 - miss)
+    if name in ("MdR", "MnR"):
+        if direction == "t2v":
+            return (n + 1) / 2
+        c = max(t / n, 1.0)
+        return (t + 1) / (c + 1)
+    return None
+
+
+def split_chance(job: JobCfg, metric: str) -> float | None:
+    """:func:`chance_level` on the job's test split (its manifest; captions per data.eval_captions)."""
+    from tvr_platform.data.pipeline import load_manifest
+
+    m = load_manifest(job, job.data.test_split)
+    texts = len(m.video_ids) if job.data.eval_captions == "first" else len(m.captions)
+    return chance_level(metric, len(m.video_ids), texts)

@@ -195,3 +195,53 @@ def test_runs_carry_source_user_description_dataset_and_only_their_sections(tmp_
     real = start_run(_job(tmp_path, "data.root=/data/msrvtt", "run.name=real"))
     params = MlflowClient(job.tracking_uri).get_run(real.run_id).data.params
     assert params["data.root"] == "/data/msrvtt" and not [k for k in params if k.startswith("data.synth.")]
+
+
+# -- promotion: beat chance (and the champion) or --force ----------------------------------------
+
+def test_chance_levels_match_a_float64_simulation_of_random_scores():
+    import numpy as np
+
+    from tvr_platform.runs import chance_level
+
+    rng = np.random.default_rng(0)
+    n, c = 7, 3                                   # 7 clips, 3 captions each
+    t = n * c
+    owner = np.repeat(np.arange(n), c)
+    sims = rng.random((20000, t, n))
+    t2v_rank = (sims > sims[:, np.arange(t), owner][..., None]).sum(-1) + 1          # (trials, T)
+    v2t = np.swapaxes(sims, 1, 2)                                                     # (trials, N, T)
+    first_true = np.stack([(v2t > v2t[:, :, owner == v].max(-1)[..., None])[:, v].sum(-1) + 1
+                           for v in range(n)], 1)                                     # (trials, N)
+    for k in (1, 5):
+        assert chance_level(f"t2v_R{k}", n, t) == pytest.approx(100 * (t2v_rank <= k).mean(), abs=0.5)
+        assert chance_level(f"v2t_R{k}", n, t) == pytest.approx(100 * (first_true <= k).mean(), abs=0.5)
+    assert chance_level("t2v_MnR", n, t) == pytest.approx(t2v_rank.mean(), abs=0.05)
+    assert chance_level("v2t_MnR", n, t) == pytest.approx(first_true.mean(), abs=0.05)
+    assert chance_level("t2v_R1", 24) == pytest.approx(100 / 24) and chance_level("loss", 24) is None
+
+
+def test_champion_moves_only_above_chance_and_the_champion_or_when_forced(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from tvr_platform.registry import promote
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    client.create_registered_model("m")
+
+    def version(score: float) -> str:
+        v = client.create_model_version("m", source=str(tmp_path)).version
+        client.set_model_version_tag("m", v, "metric.t2v_R1", str(score))
+        return str(v)
+
+    at_chance = promote(uri, "m", version(100 / 24), chance=100 / 24)  # tied scores: R@1 = 1/N exactly
+    assert not at_chance["promoted"] and "does not beat chance" in at_chance["reason"] and "--force" in at_chance["reason"]
+    assert client.get_model_version_by_alias("m", "challenger").version == 1
+    first = promote(uri, "m", version(15.0), chance=100 / 24)
+    assert first["promoted"] and first["reason"] == "no champion yet"
+    worse = promote(uri, "m", version(10.0), chance=100 / 24)
+    assert not worse["promoted"] and "does not beat the champion's 15" in worse["reason"]
+    forced = promote(uri, "m", version(3.0), chance=100 / 24, force=True)
+    assert forced["promoted"] and forced["reason"] == "forced"
+    assert client.get_model_version_by_alias("m", "champion").version == 4

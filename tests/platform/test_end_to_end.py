@@ -42,9 +42,19 @@ def test_quickstart_runs_end_to_end_and_the_registered_model_reproduces(tmp_path
         assert key in run.data.metrics, key
     history = client.get_metric_history(run.info.run_id, "train_loss")
     assert len(history) == 2  # one per epoch
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == ["plots/learning_curves.png"]
+    assert run.data.tags["mlflow.note.content"].startswith("**meanp** on `tvr-tiny`")
+    assert sorted(i.dataset.name for i in run.inputs.dataset_inputs) == ["synthetic-test", "synthetic-train"]
 
-    version = client.get_model_version_by_alias("tiny-qs", "champion")
+    version = client.get_model_version("tiny-qs", "1")
     assert version.tags["method"] == "meanp" and version.run_id == run.info.run_id
+    assert "**meanp** on `tvr-tiny`" in version.description and run.info.run_id in version.description
+    # champion only above chance (4 test clips: t2v R@1 chance = 25 %)
+    if run.data.metrics["final/t2v_R1"] > 25.0:
+        assert "alias champion moved: no champion yet" in out
+        assert client.get_model_version_by_alias("tiny-qs", "champion").version == version.version
+    else:
+        assert "alias champion not moved: t2v_R1 " in out and "does not beat chance (25)" in out
 
     # a rerun of the complete run trains and registers nothing, and says so
     assert main(["quickstart", *overrides]) == 0
@@ -52,6 +62,6 @@ def test_quickstart_runs_end_to_end_and_the_registered_model_reproduces(tmp_path
     assert "already complete" in out and "registered earlier as models:/tiny-qs/1" in out
     assert [v.version for v in client.search_model_versions("name='tiny-qs'")] in (["1"], [1])
 
-    report = evaluate_model("models:/tiny-qs@champion", [f"run.work_dir={tmp_path}"], job.tracking_uri)
+    report = evaluate_model("models:/tiny-qs/1", [f"run.work_dir={tmp_path}"], job.tracking_uri)
     for k, v in report["metrics"].items():
         assert v == pytest.approx(run.data.metrics[f"final/{k}"], abs=1e-6), k

@@ -130,3 +130,45 @@ def test_plots_written_and_non_empty(tmp_path):
         img = matplotlib.image.imread(p)
         assert img.shape[0] > 100 and img.shape[1] > 100
         assert img[..., :3].std() > 0.01, f"{p.name} is blank"    # something was drawn
+
+
+def test_plot_chance_lines_titles_and_diagonal(tmp_path, monkeypatch):
+    """The chance curves are the random-score expectations (float64 simulation), titles name the
+    model and split, the heatmap marks its diagonal; learning curves are written."""
+    from tvr_platform.report import plots
+    from tvr_platform.runs import chance_level
+
+    # survival of the first true item's rank vs a simulation: 9 items, 3 true
+    rng = np.random.default_rng(1)
+    scores = rng.random((40000, 9))
+    best_true = (scores > scores[:, :3].max(1, keepdims=True)).sum(1) + 1
+    for r in (1, 2, 4, 7):
+        assert plots.first_true_survival(r, 9, 3) == pytest.approx((best_true >= r).mean(), abs=0.01)
+    assert 100 * (1 - plots.first_true_survival(3, 24, 1)) == pytest.approx(chance_level("t2v_R2", 24))
+
+    drawn = {}
+    real_subplots = plots._pyplot().subplots
+
+    def spy(*a, **k):
+        fig, ax = real_subplots(*a, **k)
+        drawn.setdefault("figs", []).append(fig)
+        return fig, ax
+
+    monkeypatch.setattr(plots._pyplot(), "subplots", spy)
+    ranks = ranks_from_matrix(SIMS, G)
+    meta = {"model": "m", "model_version": "3", "method": "meanp", "split": "test", "num_videos": 4, "num_texts": 5}
+    report = build_report(ranks, meta, similarity=sample_similarity(lambda ti, vi: SIMS[ti][:, vi], G, 4))
+    write_plots(report, tmp_path)
+    recall_fig, rank_fig, heat_fig = drawn["figs"]
+    recall_ax = recall_fig.axes[0]
+    assert recall_ax.get_title() == "Recall@K: m v3 (meanp), split test"
+    chance = {line.get_label(): line.get_ydata() for line in recall_ax.get_lines()}
+    np.testing.assert_allclose(chance["t2v chance"][:2], [25.0, 50.0])
+    assert "m v3 (meanp), split test" in rank_fig._suptitle.get_text()
+    assert [p.get_label() for p in rank_fig.axes[0].patches] == ["ranks", "chance"]
+    assert [c.get_label() for c in heat_fig.axes[0].collections] == ["positive pair"]
+    np.testing.assert_array_equal(heat_fig.axes[0].collections[0].get_offsets(), [[i, i] for i in range(4)])
+
+    out = plots.learning_curves({"train_loss": [(1, 2.0), (2, 1.5)], "val/t2v_R1": [(2, 30.0)]}, "run x",
+                                tmp_path / "curves.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -32,7 +32,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if result.promoted:
         p = result.promoted
         print(f"[tvr] registered models:/{p['name']}/{p['version']} (challenger; champion "
-              f"{'moved' if p['promoted'] else 'kept on the better version'})")
+              f"{'moved' if p['promoted'] else 'kept'}: {p.get('reason', '')})")
     return 0
 
 
@@ -45,10 +45,9 @@ def cmd_promote(args: argparse.Namespace) -> int:
     run_id = args.run_id or best_campaign_run(job.tracking_uri, job.tracking.experiment,
                                               args.campaign or campaign_name(job))
     out = promote_run(job.tracking_uri, run_id, name=args.name or job.tracking.registered_model,
-                      metric=args.metric or job.tune.metric, mode=args.mode or job.tune.mode)
+                      metric=args.metric or job.tune.metric, mode=args.mode or job.tune.mode, force=args.force)
     print(f"[tvr] registered models:/{out['name']}/{out['version']} from run {run_id}: challenger moved; "
-          f"champion {'moved' if out['promoted'] else 'kept'} (score {out['score']:.4f}, "
-          f"champion was {out['champion_score']})")
+          f"champion {'moved' if out['promoted'] else 'kept'} ({out['reason']})")
     return 0
 
 
@@ -71,4 +70,6 @@ def add_subcommands(sub) -> None:
     pr.add_argument("--name", help="registered model name (default tracking.registered_model or tvr-<method>)")
     pr.add_argument("--metric", help="metric deciding champion (default tune.metric)")
     pr.add_argument("--mode", choices=("max", "min"), help="default tune.mode")
+    pr.add_argument("--force", action="store_true", help="move champion even when the run does not beat chance "
+                    "or the current champion")
     pr.set_defaults(func=cmd_promote)

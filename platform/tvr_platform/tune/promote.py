@@ -2,8 +2,9 @@
 
 The version holds the run's consolidated weights + resolved job spec + tokenizer info and is tagged
 with method, backbone, dataset, eval split, data manifest hash, metric values and git commit.
-``challenger`` always moves to it; ``champion`` only if it beats the current champion on the
-same evaluation set (same dataset and manifest hash, see ``registry.promote``).
+``challenger`` always moves to it; ``champion`` only if it beats chance on the metric and the
+current champion on the same evaluation set (same dataset and manifest hash, see
+``registry.promote``), or with ``force`` (``tvr registry promote --force``).
 """
 
 from __future__ import annotations
@@ -53,12 +54,13 @@ def trial_weights(job: JobCfg, checkpoint_path: str, work: Path) -> Path:
 
 
 def promote_run(tracking_uri: str, run_id: str, *, name: str = "", metric: str = "t2v_R1",
-                mode: str = "max") -> dict[str, Any]:
+                mode: str = "max", force: bool = False) -> dict[str, Any]:
     """Register the weights of MLflow run ``run_id`` (a trial child run or a train run) and move
     the aliases. Returns {name, version, score, champion_score, promoted}."""
     from mlflow.tracking import MlflowClient
 
     from tvr_platform.registry import promote, register_model
+    from tvr_platform.runs import split_chance
     from tvr_platform.tune.campaign import CHECKPOINT_TAG
 
     client = MlflowClient(tracking_uri)
@@ -80,7 +82,9 @@ def promote_run(tracking_uri: str, run_id: str, *, name: str = "", metric: str =
             if key in run.data.tags:
                 tags[key.removeprefix("tvr.")] = run.data.tags[key]
         version = register_model(job, weights, run_id, name=name, metrics=metrics, tags=tags)
-    decision = promote(tracking_uri, name, version, metric=metric, mode=mode)
+        chance = split_chance(job, metric)
+    # champion moves only above chance (an at-chance best trial is no model) unless forced
+    decision = promote(tracking_uri, name, version, metric=metric, mode=mode, chance=chance, force=force)
     return {"name": name, **decision}
 
 
