@@ -245,3 +245,31 @@ def test_champion_moves_only_above_chance_and_the_champion_or_when_forced(tmp_pa
     forced = promote(uri, "m", version(3.0), chance=100 / 24, force=True)
     assert forced["promoted"] and forced["reason"] == "forced"
     assert client.get_model_version_by_alias("m", "champion").version == 4
+
+
+def test_registered_version_has_signature_description_and_metrics(tmp_path):
+    import mlflow
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from tvr.backbone import ClipBackbone
+    from tvr.methods import build_method
+    from tvr_platform.config import load_job
+    from tvr_platform.registry import register_model
+    from tvr_platform.tracking import start_run
+
+    job = load_job(None, [f"run.work_dir={tmp_path}", "model.backbone.name=tvr-tiny", "data.num_frames=2"])
+    method = build_method(job.model.method, job.method_cfg, ClipBackbone(job.model.backbone))
+    torch.save(method.state_dict(), tmp_path / "model.pt")
+    tracker = start_run(job)
+    version = register_model(job, tmp_path / "model.pt", tracker.run_id, name="sig",
+                             metrics={"t2v_R1": 12.5, "v2t_R1": 10.0})
+    client = MlflowClient(job.tracking_uri)
+    mv = client.get_model_version("sig", version)
+    assert mv.description.startswith("**meanp** on `tvr-tiny`") and "t2v_R1 12.5" in mv.description
+    assert tracker.run_id in mv.description
+    info = mlflow.models.get_model_info(f"models:/sig/{version}")
+    assert info.signature.inputs.input_names() == ["text"]
+    logged = {m.key: m.value for m in client.get_logged_model(info.model_id).metrics}
+    assert logged == {"t2v_R1": 12.5, "v2t_R1": 10.0}
+    tracker.terminate()
