@@ -180,14 +180,19 @@ def build_index(model_uri: str, videos_uri: str, *, overrides: list[str] | None 
         "job_yaml": job_file.read_bytes(), "weights": weights_file.read_bytes()},
         batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=concurrency),
         num_cpus=job.train.cpus_per_worker, num_gpus=1 if job.train.use_gpu else 0)
+    from tqdm import tqdm
+
     written = 0
+    bar = tqdm(total=len(todo), unit="clip", desc="[tvr] indexing", disable=None)  # a live bar on a terminal
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         ids = [str(x) for x in batch["video_id"]]
+        bar.update(len(ids))
         feats = {k[5:]: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items() if k.startswith("feat.")}
         buf = io.BytesIO()
         torch.save({"ids": ids, "features": feats}, buf)
         store.write_bytes(f"{SHARDS}/part-{uuid.uuid4().hex}.pt", buf.getvalue())
         written += len(ids)
+    bar.close()
     summary["embedded"] = written
     return summary
 
