@@ -334,6 +334,8 @@ def test_csi_budget_stops_the_loop_and_a_rerun_resumes_without_paying_twice(tmp_
     assert second["usage"]["captioner"]["cached"] == 4 and second["usage"]["engineer"]["cached"] == 1
     again = [json.dumps(r["body"], sort_keys=True) for r in server.requests[5:]]
     assert not set(again) & set(paid)                                    # nothing paid for twice
+    cached = "".join(p.read_text() for p in tmp_path.rglob("replies/*.jsonl"))
+    assert "a clip" in cached and KEY not in cached                      # the replies are on storage, no key
     assert len(again) == second["usage"]["captioner"]["requests"] + second["usage"]["engineer"]["requests"]
 
 

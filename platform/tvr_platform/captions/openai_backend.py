@@ -424,7 +424,7 @@ class ChatClient:
                 log.warning("%s: malformed reply, retry %d/%d", self.base_url, attempt + 1, self.max_retries)
                 continue
             if self.cache is not None and key is not None and text is not None:
-                self.cache.put(key, text)
+                self.cache.put(key, redact(text, self._secrets))       # an echoed key never reaches storage
             return value
         self._count(failed=1)
         log.warning("%s: giving up on one request after %d attempts", self.base_url, self.max_retries + 1)
