@@ -124,7 +124,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from tvr_platform.recipes import METRIC_ORDER, evaluate_model, print_table
 
     flags = [f"eval.dsl={str(args.dsl).lower()}"] if args.dsl else []
-    flags += [f"eval.sinkhorn_iters={args.sinkhorn}"] if args.sinkhorn is not None else []
+    if args.sinkhorn is not None:  # the method's own SK where it has one (UCoFIA), else the generic one
+        from tvr_platform.recipes import sinkhorn_override
+
+        flags += [sinkhorn_override(args.target, args.overrides, args.sinkhorn)]
     flags += [f"data.test_split={args.split}"] if args.split else []
     report = evaluate_model(args.target, [*args.overrides, *flags])
     print_table(f"{args.target}: {report['split']} ({report['num_texts']} texts, {report['num_videos']} videos)",
@@ -182,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", help="job spec path or models:/name@alias")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--dsl", action="store_true", help="dual-softmax re-normalisation (= eval.dsl=true)")
-    p.add_argument("--sinkhorn", type=int, metavar="N", help="Sinkhorn-Knopp iterations (= eval.sinkhorn_iters=N)")
+    p.add_argument("--sinkhorn", type=int, metavar="N", help="Sinkhorn-Knopp iterations: the method's own SK where it has one "
+                   "(UCoFIA: model.ucofia.sinkhorn_iters=N, per granularity), else eval.sinkhorn_iters=N")
     p.add_argument("--split", metavar="S", help="dataset split to evaluate (= data.test_split=S)")
     p.set_defaults(func=cmd_eval)
     config = sub.add_parser("config", help="the job specs shipped with tvr").add_subparsers(

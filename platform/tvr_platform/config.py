@@ -106,7 +106,20 @@ class EvalCfg:
     dsl: bool = False
     """Dual-softmax re-normalisation at inference."""
     sinkhorn_iters: int = 0
-    """Sinkhorn-Knopp re-normalisation iterations at inference (0 = off)."""
+    """Generic Sinkhorn-Knopp iterations on the final matrix at inference (0 = off), for methods
+    without their own SK; UCoFIA's per-granularity SK is model.ucofia.sinkhorn_iters (everywhere:
+    training-time evaluation, Tune, tvr eval, tvr bench)."""
+    sinkhorn_bank: Literal["transductive", "train"] = "transductive"
+    """Where a method's own SK takes its potentials in ``tvr eval``: the evaluated matrix itself
+    (transductive) or the training captions x test videos (train: the official UCoFIA evaluation;
+    embeds every caption of data.train_split). Training-time evaluation is always transductive."""
+    v2t_rank: Literal["videos", "texts"] = "videos"
+    """Video->text rank with several captions per video: 'videos' = 1 + #other videos whose best caption
+    beats the video's best true caption (the published X-Pool / CLIP4Clip protocol); 'texts' = count
+    competing captions."""
+    dsl_v2t: Literal["texts", "videos"] = "texts"
+    """DSL softmax axis for video->text: 'texts' (T-MASS's code: one matrix for both directions) or
+    'videos'."""
 
 
 @dataclass(kw_only=True)
@@ -155,6 +168,9 @@ class JobCfg:
         if self.model.method not in METHODS:
             raise ValueError(f"model.method={self.model.method!r} is not a tvr method; "
                              f"choose one of {sorted(METHODS)}")
+        if self.eval.sinkhorn_iters and hasattr(self.method_cfg, "sinkhorn_iters"):
+            raise ValueError(f"eval.sinkhorn_iters={self.eval.sinkhorn_iters}: {self.model.method} has its own "
+                             f"per-granularity SK; set model.{self.model.method}.sinkhorn_iters instead")
         frames = getattr(self.method_cfg, "num_frames", None)
         if frames is not None and frames != self.data.num_frames:
             raise ValueError(f"model.{self.model.method}.num_frames ({frames}) must equal data.num_frames "

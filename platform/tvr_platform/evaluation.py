@@ -118,20 +118,61 @@ def similarity_matrix(model: ModelCall, text: Features, video: Features, block: 
     return sims
 
 
+def own_sinkhorn(method: Any) -> bool:
+    """True for a method that defines its own SK (per granularity, at its own temperature: UCoFIA):
+    ``granularity_similarities`` + ``combine`` and a ``cfg.sinkhorn_iters`` key."""
+    method = getattr(method, "method", method)                      # a RetrievalStep wraps it
+    return hasattr(method, "granularity_similarities") and hasattr(method, "combine") and \
+        hasattr(getattr(method, "cfg", None), "sinkhorn_iters")
+
+
+def sinkhorn_form(method: Any, *, sinkhorn_iters: int, own_iters: int | None = None,
+                  bank: bool = False) -> str:
+    """What a report says about the SK that produced its numbers."""
+    if own_sinkhorn(method):
+        inner = getattr(method, "method", method)
+        n = inner.cfg.sinkhorn_iters if own_iters is None else own_iters
+        return f"per-granularity x{n}, {'bank (training captions)' if bank else 'transductive'}" if n else "off"
+    return f"final matrix x{sinkhorn_iters}, transductive" if sinkhorn_iters else "off"
+
+
 @torch.no_grad()
 def evaluate(model: ModelCall, text: Features, video: Features, text_to_video: Tensor, *,
              block: int = 1024, dsl: bool = False, sinkhorn_iters: int = 0,
-             device: torch.device | str = "cpu") -> tuple[dict[str, float], Ranks]:
+             device: torch.device | str = "cpu", v2t_rank: str = "videos", dsl_v2t: str = "texts",
+             own_iters: int | None = None, bank_text: Features | None = None) -> tuple[dict[str, float], Ranks]:
     """Metrics of texts vs videos. Tiles of ``block`` x ``block``; Sinkhorn-Knopp needs the full
     matrix (it normalises every row and column), so it materialises it. ``model`` answers the
-    modes 'similarity' and 'prepare_video' (:class:`~tvr_platform.train.step.RetrievalStep`)."""
+    modes 'similarity' and 'prepare_video' (:class:`~tvr_platform.train.step.RetrievalStep`).
+
+    SK: a method with its own SK (:func:`own_sinkhorn`, UCoFIA) always gets it, the paper's form:
+    each granularity's full matrix balanced at the method's temperature, then averaged
+    (``UCoFIA.combine``), with ``own_iters`` iterations (None = the method's
+    ``cfg.sinkhorn_iters``, e.g. ``model.ucofia.sinkhorn_iters``) and, given ``bank_text``
+    (embedded training captions), the official bank form. ``sinkhorn_iters`` is the generic SK of
+    the final matrix for every other method (τ = 1); it must be 0 for a method with its own.
+    ``v2t_rank`` / ``dsl_v2t``: see :mod:`tvr.metrics`."""
     n_v = next(iter(video.values())).shape[0]
     dsl_temp = 100.0 if dsl else None
+    kw = {"dsl_temp": dsl_temp, "v2t_rank": v2t_rank, "dsl_v2t": dsl_v2t}
+    if own_sinkhorn(model):
+        method = getattr(model, "method", model)
+        if sinkhorn_iters:
+            raise ValueError(f"eval.sinkhorn_iters={sinkhorn_iters}: {type(method).__name__} has its own "
+                             f"per-granularity SK; set model.{type(method).__name__.lower()}.sinkhorn_iters instead")
+        n_iter = method.cfg.sinkhorn_iters if own_iters is None else own_iters
+        if n_iter:
+            sims = method.combine(method.granularity_similarities(to_device(text, device), to_device(video, device)),
+                                  sinkhorn_iters=n_iter,
+                                  bank=None if bank_text is None else method.granularity_similarities(
+                                      to_device(bank_text, device), to_device(video, device)))
+            ranks = ranks_from_matrix(sims.float().cpu(), text_to_video, block=block, **kw)
+            return retrieval_metrics(ranks), ranks
     if sinkhorn_iters > 0:
         from tvr.sinkhorn import sinkhorn_normalise
 
         sims = sinkhorn_normalise(similarity_matrix(model, text, video, block, device), sinkhorn_iters)
-        ranks = ranks_from_matrix(sims, text_to_video, block=block, dsl_temp=dsl_temp)
+        ranks = ranks_from_matrix(sims, text_to_video, block=block, **kw)
     else:
         videos = VideoBlocks(model, video, device)
 
@@ -139,5 +180,5 @@ def evaluate(model: ModelCall, text: Features, video: Features, text_to_video: T
             return model(mode="similarity", text_feats=to_device(slice_features(text, ts), device),
                          video_feats=videos(vs)).float().cpu()
 
-        ranks = blockwise_ranks(score, text_to_video, n_v, block=block, dsl_temp=dsl_temp)
+        ranks = blockwise_ranks(score, text_to_video, n_v, block=block, **kw)
     return retrieval_metrics(ranks), ranks

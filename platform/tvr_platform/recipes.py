@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -175,14 +176,59 @@ def embed_split(job: JobCfg, method: torch.nn.Module, split: str):
     return text, video, caption_video
 
 
+def embed_captions(job: JobCfg, method: torch.nn.Module, split: str):
+    """Every caption of ``split`` embedded (the SK bank of the official UCoFIA evaluation)."""
+    from dataclasses import replace
+
+    from tvr_platform.data.pipeline import load_manifest, tokenize_captions
+    from tvr_platform.evaluation import embed_texts
+    from tvr_platform.train.step import RetrievalStep
+
+    all_captions = replace(job, data=replace(job.data, eval_captions="all"))
+    texts, _ = tokenize_captions(all_captions, load_manifest(job, split))
+    return embed_texts(RetrievalStep(method, gather=lambda x: x), texts, job.data.eval_batch_size, "cpu")
+
+
+PROTOCOLS = {"first": "one caption per clip (first; MSR-VTT 1k-A)",
+             "all": "all captions (multi-caption: MSVD, VATEX, MSR-VTT full)"}
+
+
+def protocol_name(job: JobCfg) -> str:
+    """The evaluation protocol a report's numbers follow, in words."""
+    words = PROTOCOLS.get(job.data.eval_captions, job.data.eval_captions)
+    if job.data.format in ("didemo", "activitynet"):
+        words += f"; {job.data.format} captions are paragraphs (paragraph-to-video retrieval)"
+    return f"{words}; v2t rank over {job.eval.v2t_rank}" + (f", DSL v2t over {job.eval.dsl_v2t}" if job.eval.dsl else "")
+
+
+def sinkhorn_override(target: str, overrides: list[str], iters: int) -> str:
+    """``tvr eval --sinkhorn N``: the method's own SK key where it has one (UCoFIA), else eval.sinkhorn_iters."""
+    if target.startswith("models:/"):
+        method = next((o.split("=", 1)[1] for o in overrides if o.startswith("model.method=")), None)
+        if method is None:
+            from tvr_platform.registry import download_model
+
+            job_file, _ = download_model(target, load_job(None, overrides).tracking_uri)
+            method = load_job(job_file).model.method
+    else:
+        method = load_job(target, overrides).model.method
+    from tvr.methods import get_spec
+
+    has_own = "sinkhorn_iters" in {f.name for f in fields(get_spec(method).config_cls)}
+    return f"model.{method}.sinkhorn_iters={iters}" if has_own else f"eval.sinkhorn_iters={iters}"
+
+
 def eval_report(job: JobCfg, method: torch.nn.Module, text, video, caption_video, meta: dict[str, Any],
-                *, sample: int = 24) -> dict[str, Any]:
+                *, sample: int = 24, bank_text=None) -> dict[str, Any]:
     """Metrics (with the job's DSL / Sinkhorn-Knopp settings) + curves, similarity sample, gap."""
+    from tvr_platform.evaluation import own_sinkhorn
     from tvr_platform.report import build_report, global_embeddings, modality_gap, sample_similarity
     from tvr_platform.report.scoring import evaluate_method, pair_scorer
 
+    iters = getattr(job.method_cfg, "sinkhorn_iters", None) if own_sinkhorn(method) else job.eval.sinkhorn_iters
     _, ranks = evaluate_method(method, text, video, caption_video, block=job.eval.block_size,
-                               dsl=job.eval.dsl, sinkhorn_iters=job.eval.sinkhorn_iters)
+                               dsl=job.eval.dsl, sinkhorn_iters=iters, v2t_rank=job.eval.v2t_rank,
+                               dsl_v2t=job.eval.dsl_v2t, bank_text=bank_text)
     sim = sample_similarity(pair_scorer(method, text, video), caption_video, sample)
     try:
         gap = modality_gap(*global_embeddings(text, video), seed=job.run.seed)
@@ -218,6 +264,7 @@ def evaluate_model(target: str, overrides: list[str], tracking_uri: str | None =
     run named ``eval-<model>-v<version>-<split>``, linked to the model version (tags both ways), with
     the metric names of training runs (``<split>/t2v_R1``, ...)."""
     from tvr_platform import logs
+    from tvr_platform.evaluation import own_sinkhorn, sinkhorn_form
     from tvr_platform.report import write_plots
     from tvr_platform.tracking import start_run
 
@@ -230,12 +277,20 @@ def evaluate_model(target: str, overrides: list[str], tracking_uri: str | None =
     tracker.set_tags({**link, "tvr.eval_split": split})
     try:
         text, video, caption_video = embed_split(job, method, split)
+        own = own_sinkhorn(method)
+        own_iters = getattr(job.method_cfg, "sinkhorn_iters", job.eval.sinkhorn_iters or None) if own else None
+        bank_text = None
+        if own and own_iters and job.eval.sinkhorn_bank == "train":
+            bank_text = embed_captions(job, method, job.data.train_split)
         meta = {"target": target, "method": job.model.method, "backbone": job.model.backbone.name,
                 "split": split, "dataset": job.dataset_uri, "num_videos": int(caption_video.max()) + 1,
                 "num_texts": int(caption_video.numel()), "dsl": job.eval.dsl,
-                "sinkhorn_iters": job.eval.sinkhorn_iters, "model": link.get("tvr.model_name"),
+                "sinkhorn_iters": own_iters if own else job.eval.sinkhorn_iters,
+                "sinkhorn": sinkhorn_form(method, sinkhorn_iters=job.eval.sinkhorn_iters, own_iters=own_iters,
+                                          bank=bank_text is not None),
+                "protocol": protocol_name(job), "model": link.get("tvr.model_name"),
                 "model_version": link.get("tvr.model_version")}
-        full = eval_report(job, method, text, video, caption_video, meta)
+        full = eval_report(job, method, text, video, caption_video, meta, bank_text=bank_text)
         out_dir = Path(job.work_dir) / "reports" / f"{run_name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
         base, i = out_dir, 2
         while out_dir.exists():  # never overwrite an earlier report (two evals within a second)

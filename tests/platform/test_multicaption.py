@@ -59,7 +59,7 @@ def test_eval_first_and_all_captions_protocols(tmp_path):
     rng = np.random.default_rng(0)
     g = np.array([0, 0, 0, 1, 2, 2, 3, 4, 4, 4, 4])                         # several positives per video
     sims = rng.normal(size=(len(g), 5)).round(1)                           # rounding makes ties
-    ranks = ranks_from_matrix(torch.from_numpy(sims).float(), torch.from_numpy(g))
+    ranks = ranks_from_matrix(torch.from_numpy(sims).float(), torch.from_numpy(g), v2t_rank="texts")
     ref_t2v, ref_v2t = _brute_force(sims.astype(np.float32).astype(np.float64), g)
     assert ranks.t2v.tolist() == ref_t2v.tolist() and ranks.v2t.tolist() == ref_v2t.tolist()
     m = retrieval_metrics(ranks)

@@ -41,12 +41,14 @@ def loop_ranks(s: np.ndarray, g: list[int]) -> tuple[list[int], list[int]]:
 def test_hand_built_matrix_ranks_are_what_counting_gives():
     t2v, v2t = loop_ranks(SIMS.double().numpy(), G.tolist())
     assert t2v == [1, 2, 2, 4, 2] and v2t == [1, 1, 3, 1]
-    ranks = ranks_from_matrix(SIMS, G)
+    ranks = ranks_from_matrix(SIMS, G, v2t_rank="texts")  # loop_ranks counts competing texts
     assert ranks.t2v.tolist() == t2v and ranks.v2t.tolist() == v2t
+    # the published protocol counts competing videos: for video 2 only video 3's captions beat it
+    assert ranks_from_matrix(SIMS, G).v2t.tolist() == [1, 1, 2, 1]
 
 
 def test_report_schema_and_values():
-    ranks = ranks_from_matrix(SIMS, G)
+    ranks = ranks_from_matrix(SIMS, G, v2t_rank="texts")  # loop_ranks counts competing texts
     meta = {"target": "hand-built", "num_texts": 5, "num_videos": 4}
     sim = sample_similarity(lambda ti, vi: SIMS[ti][:, vi], G, n=3)
     report = build_report(ranks, meta, similarity=sim)
@@ -120,7 +122,7 @@ def test_global_embeddings_pool_per_frame_features():
 def test_plots_written_and_non_empty(tmp_path):
     import matplotlib.image
 
-    ranks = ranks_from_matrix(SIMS, G)
+    ranks = ranks_from_matrix(SIMS, G, v2t_rank="texts")  # loop_ranks counts competing texts
     gap = modality_gap(torch.randn(5, 4), torch.randn(4, 4))
     report = build_report(ranks, {}, similarity=sample_similarity(lambda ti, vi: SIMS[ti][:, vi], G, 4), gap=gap)
     paths = write_plots(report, tmp_path)

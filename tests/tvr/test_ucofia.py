@@ -138,10 +138,13 @@ def test_perturbed_topk_forward_and_gradient_match_reference():
     x = torch.randn(Mr, P, generator=g, dtype=torch.float64, requires_grad=True)
     Z = torch.randn(Mr, S, P, generator=g, dtype=torch.float64)
     G = torch.randn(Mr, K, P, generator=g, dtype=torch.float64)
-    y = perturbed_topk(x, K, num_samples=S, sigma=sigma, noise=Z)
+    y = perturbed_topk(x, K, num_samples=S, sigma=sigma, noise=Z, backward="full")
     (y * G).sum().backward()
+    x_off = x.detach().clone().requires_grad_(True)
+    (perturbed_topk(x_off, K, num_samples=S, sigma=sigma, noise=Z) * G).sum().backward()   # default
     want_y = torch.zeros(Mr, K, P, dtype=torch.float64)
     want_grad = torch.zeros(Mr, P, dtype=torch.float64)
+    want_official = torch.zeros(Mr, P, dtype=torch.float64)
     for m in range(Mr):
         for s in range(S):
             pert = [float(x.detach()[m, d] + sigma * Z[m, s, d]) for d in range(P)]
@@ -152,8 +155,14 @@ def test_perturbed_topk_forward_and_gradient_match_reference():
             want_y[m] += onehot / S
             # ∂L/∂x ≈ E[<G, onehot> Z] / σ
             want_grad[m] += float((G[m] * onehot).sum()) * Z[m, s] / (S * sigma)
+            # official (PerturbedTopKFuntion.backward): only ∂Y_kd/∂x_d, Σ_k G_kd onehot_kd Z_d / σ
+            for d in range(P):
+                want_official[m, d] += sum(float(G[m, k, d] * onehot[k, d]) for k in range(K)) \
+                    * float(Z[m, s, d]) / (S * sigma)
     torch.testing.assert_close(y.detach(), want_y, rtol=0, atol=1e-12)
     torch.testing.assert_close(x.grad, want_grad, rtol=0, atol=1e-10)
+    torch.testing.assert_close(x_off.grad, want_official, rtol=0, atol=1e-10)
+    assert (x_off.grad - x.grad).abs().max() > 1e-3                     # the two estimators differ
     torch.testing.assert_close(y.detach().sum(-1), torch.ones(Mr, K, dtype=torch.float64))
     # in the noise-free limit it is the hard top-K
     y0 = perturbed_topk(x.detach(), K, num_samples=5, sigma=1e-9)
@@ -361,3 +370,60 @@ def test_checkpointed_tiles_give_the_same_loss_and_gradients(backbone):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     plain.zero_grad(set_to_none=True)
     ckpt.zero_grad(set_to_none=True)
+
+
+# -- ablations from config -----------------------------------------------------------------------
+
+def ref_aggregate(x: list[float], W, tau: float, mode: str, mask: list[bool] | None = None) -> float:
+    idx = [i for i in range(len(x)) if mask is None or mask[i]]
+    if mode == "isa":
+        return ref_isa(x, W, tau, mask)
+    if mode == "mean":
+        return sum(x[i] for i in idx) / len(idx)
+    a = _softmax([x[i] / tau for i in idx])
+    return sum(ai * x[i] for ai, i in zip(a, idx))
+
+
+def ref_bi(M, W1, W2, W3, W4, tau: float, mask: list[bool], mode: str, order: str) -> float:
+    N, L = len(M), len(M[0])
+    r = [ref_aggregate(M[n], W1, tau, mode, mask) for n in range(N)]
+    q = [ref_aggregate([M[n][w] for n in range(N)], W2, tau, mode) for w in range(L)]
+    s_r, s_q = ref_aggregate(r, W3, tau, mode), ref_aggregate(q, W4, tau, mode, mask)
+    return {"both": 0.5 * (s_r + s_q), "row": s_r, "column": s_q}[order]
+
+
+@pytest.mark.parametrize("mode", ["isa", "mean", "softmax"])
+@pytest.mark.parametrize("order", ["both", "row", "column"])
+def test_aggregation_and_bi_isa_order_ablations_match_reference(mode, order):
+    g = torch.Generator().manual_seed(5)
+    N, L, tau = 5, 7, 0.2
+    M = torch.randn(2, N, L, generator=g, dtype=torch.float64)
+    W = [torch.eye(n, dtype=torch.float64) + 0.3 * torch.randn(n, n, generator=g, dtype=torch.float64)
+         for n in (L, N, N, L)]
+    mask = torch.tensor([[True] * 4 + [False] * 3, [True] * 7])
+    got = bi_isa(M, *W, tau, mask, mode=mode, order=order)
+    want = [ref_bi(_tolist(M[b]), *[_tolist(w) for w in W], tau, mask[b].tolist(), mode, order) for b in range(2)]
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=0, atol=1e-10)
+
+
+def test_dropping_a_granularity_and_ablation_config(backbone):
+    full = _model(backbone, topk=2)
+    drop = _model(backbone, topk=2, granularities=["video_sentence", "frame_sentence"])
+    drop.load_state_dict(full.state_dict())
+    with torch.no_grad():
+        t = full.encode_text(backbone.tokenize(CAPTIONS[:3]))
+        v = full.encode_video(_frames(3, 4))
+        all_sims = full.granularity_similarities(t, v)
+        sims = drop.granularity_similarities(t, v)
+        assert set(sims) == {"video_sentence", "frame_sentence"}
+        torch.testing.assert_close(drop.similarity(t, v), (all_sims["video_sentence"] + all_sims["frame_sentence"]) / 2)
+        assert set(drop.loss(t, v)) == {"loss", "ce_video_sentence", "ce_frame_sentence"}
+        mean = _model(backbone, topk=2, aggregation="mean")
+        mean.load_state_dict(full.state_dict())
+        c = torch.einsum("ad,btd->abt", t["sentence"], v["frames"])
+        torch.testing.assert_close(mean.granularity_similarities(t, v)["frame_sentence"], c.mean(-1))
+    for bad in ({"granularities": []}, {"granularities": ["patch_word", "patch_word"]},
+                {"granularities": ["pixels"]}, {"aggregation": "max"}, {"bi_isa_order": "diagonal"},
+                {"topk_backward": "exact"}):
+        with pytest.raises(ValueError, match=f"model.ucofia.{next(iter(bad))}"):
+            UCoFIACfg(**bad)

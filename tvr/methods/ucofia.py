@@ -25,7 +25,10 @@ Patch selection (TS2-Net style, official ``VisualTokenSelection``)
     (official), so each frame contributes K' = K + 1 tokens u. In training the hard top-K is
     replaced by the perturbed-optimiser top-K of Berthet et al. 2020 (official ``PerturbedTopK``):
         Y = E_Z[onehot(topK(σ + εZ))],  Z ~ N(0, I),  u_{t,k} = Σ_j Y_{k,j} p_{t,j}
-        ∂L/∂σ ≈ E_Z[⟨∂L/∂Y, onehot(topK(σ + εZ))⟩ Z] / ε         (n_s Monte-Carlo samples)
+    with two backward estimators (``topk_backward``, n_s Monte-Carlo samples, G = ∂L/∂Y (K, P)):
+        "official" (default, the official ``PerturbedTopKFuntion.backward``): only the diagonal of
+                   the Jacobian, ∂Y_{k,j}/∂σ_j:   ∂L/∂σ_j ≈ Σ_k G_{k,j} E_Z[onehot_{k,j} Z_j] / ε
+        "full"     (Berthet et al.'s estimator):  ∂L/∂σ_j ≈ E_Z[⟨G, onehot(topK(σ + εZ))⟩ Z_j] / ε
 
 Interactive Similarity Aggregation of a similarity vector x ∈ R^n (mask μ ∈ {0,1}^n optional)
     a = softmax_μ(x / τ)           softmax over the unmasked entries (masked entries: weight 0)
@@ -37,10 +40,20 @@ Bi-ISA of the patch-word matrix M ∈ R^{N×L} (rows: patches, columns: words)
     q_l = ISA(M_{:,l}; W₂)            along each column (over patches) -> q ∈ R^L
     Bi-ISA(M) = ½ [ ISA(r; W₃) + ISA(q; W₄, μ=m) ]                  (then across)
 
-Unification
-    training:   logits = e^θ · (S_vs + S_fs + S_pw) / 3   -> symmetric InfoNCE (official: no SK)
-    inference:  S = (1/3) Σ_g SK_τ(S_g),  τ = e^{-θ}  (θ = CLIP logit_scale, e^θ clamped at 100)
+Unification over the granularities G ⊆ {vs, fs, pw} (``granularities``; the paper's all three)
+    training:   logits = e^θ · (1/|G|) Σ_g S_g   -> symmetric InfoNCE (official: no SK)
+    inference:  S = (1/|G|) Σ_g SK_τ(S_g),  τ = e^{-θ}  (θ = CLIP logit_scale, e^θ clamped at 100)
     with SK_τ the Sinkhorn-Knopp normalisation of :mod:`tvr.sinkhorn` (``sinkhorn_iters``, 0 = off).
+    The platform applies exactly this SK at every evaluation (training-time, Tune, ``tvr eval``,
+    ``tvr bench``), driven by ``model.ucofia.sinkhorn_iters``; ``eval.sinkhorn_iters`` (the generic
+    SK of other methods) is refused for UCoFIA.
+
+Ablations of the paper (config values)
+    ``granularities``     drop any of video_sentence / frame_sentence / patch_word
+    ``aggregation``       "isa" (the paper) | "mean" (plain mean of x, masked) | "softmax"
+                          (Σ softmax_μ(x/τ)_i x_i: attention without the interactive W mixing)
+    ``bi_isa_order``      "both" (the paper: ½[ISA(r) + ISA(q)]) | "row" (words first, ISA(r; W₃))
+                          | "column" (patches first, ISA(q; W₄))
 
 How evaluation applies SK: ``similarity(text, video)`` is the plain combination *without* SK, so it
 works on any block. SK needs the full matrices, so a full evaluation asks for the per-granularity
@@ -73,8 +86,10 @@ Deviations from the official code (all deliberate):
 5. ``E`` (``local_mat_weight1``) is applied at evaluation as in training (the official eval script
    drops it).
 6. SK at evaluation is transductive by default (the evaluated matrix is its own bank) and returns
-   the doubly-balanced plan; the official code uses training captions as the bank. Text -> video
-   rankings are identical to the official form for the same bank (see :mod:`tvr.sinkhorn`).
+   the doubly-balanced plan; the official code (``eval_t2v/main_ucofia.py``, ``eval_epoch``) uses
+   the training captions x test videos as the bank: ``eval.sinkhorn_bank=train`` in ``tvr eval``
+   (reports name the form). Text -> video rankings are identical to the official form for the same
+   bank (see :mod:`tvr.sinkhorn`).
 7. The temporal encoder is :class:`tvr.temporal.TemporalEncoder` (pre-norm, zero-init output, so
    v = mean of frames at step 0); ``temporal_layers = 0`` gives the official ``meanP`` header.
 8. No video padding mask: every clip has T real frames (the platform samples fixed T).
@@ -82,7 +97,7 @@ Deviations from the official code (all deliberate):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -97,6 +112,9 @@ from tvr.sinkhorn import sinkhorn_normalise
 from tvr.temporal import TemporalEncoder
 
 GRANULARITIES = ("video_sentence", "frame_sentence", "patch_word")
+TOPK_BACKWARDS = ("official", "full")
+AGGREGATIONS = ("isa", "mean", "softmax")
+BI_ISA_ORDERS = ("both", "row", "column")
 
 
 @dataclass(kw_only=True)
@@ -117,6 +135,14 @@ class UCoFIACfg:
     """Noise scale ε of the perturbed top-K (official 0.05)."""
     selector_video_context: bool = True
     """Condition the patch scorer on the video mean as well as the frame CLS (False = official)."""
+    topk_backward: str = "official"
+    """Perturbed top-K gradient: "official" (diagonal terms only, as the official code) or "full"."""
+    granularities: list[str] = field(default_factory=lambda: list(GRANULARITIES))
+    """Alignments averaged in training and inference (ablation: drop any; the paper uses all three)."""
+    aggregation: str = "isa"
+    """Similarity aggregation in the frame-sentence and patch-word parts: isa (paper) | mean | softmax."""
+    bi_isa_order: str = "both"
+    """Bi-ISA of the patch-word matrix: both (paper) | row (words first) | column (patches first)."""
     sinkhorn_iters: int = 4
     """SK iterations applied by :meth:`UCoFIA.combine` at full evaluation (official 4); 0 = off."""
     chunk_size: int = 64
@@ -134,6 +160,15 @@ class UCoFIACfg:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"model.ucofia.{name} must be an integer >= 0, got {value!r}")
+        for name, value, allowed in (("topk_backward", self.topk_backward, TOPK_BACKWARDS),
+                                     ("aggregation", self.aggregation, AGGREGATIONS),
+                                     ("bi_isa_order", self.bi_isa_order, BI_ISA_ORDERS)):
+            if value not in allowed:
+                raise ValueError(f"model.ucofia.{name}={value!r}; choose one of {list(allowed)}")
+        bad = [g for g in self.granularities if g not in GRANULARITIES]
+        if bad or not self.granularities or len(set(self.granularities)) != len(self.granularities):
+            raise ValueError(f"model.ucofia.granularities={list(self.granularities)!r}: a non-empty list of "
+                             f"distinct names from {list(GRANULARITIES)}")
         for name in ("isa_temperature", "topk_sigma"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
@@ -174,54 +209,86 @@ def isa(x: Tensor, weight: Tensor, temperature: float, mask: Tensor | None = Non
     return (b * x).sum(dim=-1)                                                   # (...,)
 
 
+def aggregate(x: Tensor, weight: Tensor, temperature: float, mask: Tensor | None = None,
+              mode: str = "isa") -> Tensor:
+    """Aggregate x (..., n) -> (...,): "isa" (:func:`isa`), "mean" (masked mean) or "softmax"
+    (Σ_i softmax_μ(x/τ)_i x_i, ISA without the W mixing step)."""
+    if mode == "isa":
+        return isa(x, weight, temperature, mask)
+    if mode == "mean":
+        if mask is None:
+            return x.mean(dim=-1)
+        m = mask.to(x.dtype).expand_as(x)
+        return (x * m).sum(dim=-1) / m.sum(dim=-1)
+    logits = x / temperature
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    return (torch.softmax(logits, dim=-1) * x).sum(dim=-1)
+
+
 def bi_isa(m: Tensor, w_row: Tensor, w_col: Tensor, w_row_across: Tensor, w_col_across: Tensor,
-           temperature: float, word_mask: Tensor | None = None) -> Tensor:
+           temperature: float, word_mask: Tensor | None = None, *, mode: str = "isa",
+           order: str = "both") -> Tensor:
     """Bi-ISA of patch-word matrices m (..., N, L) (rows = patches, columns = words) -> (...,).
 
     r = ISA over words of each row (W₁ = w_row, masked); q = ISA over patches of each column
     (W₂ = w_col); result ½ [ISA(r; W₃ = w_row_across) + ISA(q; W₄ = w_col_across, masked)].
     ``word_mask`` (..., L) bool, True at real words, broadcastable against m[..., 0, :].
+    ``mode``: the aggregation of every step (:func:`aggregate`); ``order``: "both", or only the
+    "row" (words first) or "column" (patches first) path.
     """
     row_mask = None if word_mask is None else word_mask.unsqueeze(-2)           # (..., 1, L)
-    r = isa(m, w_row, temperature, row_mask)                                     # (..., N)
-    q = isa(m.transpose(-1, -2).contiguous(), w_col, temperature)                # (..., L)
-    s_r = isa(r, w_row_across, temperature)                                      # (...,)
-    s_q = isa(q, w_col_across, temperature, word_mask)                           # (...,)
-    return 0.5 * (s_r + s_q)
+    if order in ("both", "row"):
+        r = aggregate(m, w_row, temperature, row_mask, mode)                     # (..., N)
+        s_r = aggregate(r, w_row_across, temperature, None, mode)                # (...,)
+        if order == "row":
+            return s_r
+    q = aggregate(m.transpose(-1, -2).contiguous(), w_col, temperature, None, mode)  # (..., L)
+    s_q = aggregate(q, w_col_across, temperature, word_mask, mode)               # (...,)
+    return s_q if order == "column" else 0.5 * (s_r + s_q)
 
 
 # -- differentiable top-K ------------------------------------------------------------------------
 
 class _PerturbedTopK(torch.autograd.Function):
-    """Perturbed-optimiser top-K (Berthet et al. 2020), as the official ``PerturbedTopKFuntion``."""
+    """Perturbed-optimiser top-K (Berthet et al. 2020). Forward as the official
+    ``PerturbedTopKFuntion``; backward the official diagonal estimator or the full one (module doc)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, k: int, noise: Tensor, sigma: float) -> Tensor:
+    def forward(ctx, x: Tensor, k: int, noise: Tensor, sigma: float, backward: str = "official") -> Tensor:
         # x (M, P) scores, noise (M, S, P) standard normal
         perturbed = x.unsqueeze(1) + sigma * noise                               # (M, S, P)
         idx = perturbed.topk(k, dim=-1, sorted=False).indices.sort(dim=-1).values  # (M, S, K)
         onehot = F.one_hot(idx, num_classes=x.shape[-1]).to(x.dtype)             # (M, S, K, P)
         ctx.save_for_backward(onehot, noise)
-        ctx.sigma = sigma
+        ctx.sigma, ctx.mode = sigma, backward
         return onehot.mean(dim=1)                                                # (M, K, P)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         onehot, noise = ctx.saved_tensors                                        # (M,S,K,P), (M,S,P)
-        # E[onehot ⊗ Z] / σ, contracted with the incoming gradient
+        scale = noise.shape[1] * ctx.sigma
+        if ctx.mode == "official":
+            # diagonal terms only: Σ_k G_kp E[onehot_kp Z_p] / σ
+            jac = torch.einsum("mskp,msp->mkp", onehot, noise)                   # (M, K, P)
+            return (grad_out * jac).sum(dim=1) / scale, None, None, None, None
+        # full estimator: E[<G, onehot> Z] / σ
         g = torch.einsum("mkp,mskp->ms", grad_out, onehot)                       # (M, S)
-        grad_x = torch.einsum("ms,msd->md", g, noise) / (noise.shape[1] * ctx.sigma)  # (M, P)
-        return grad_x, None, None, None
+        grad_x = torch.einsum("ms,msd->md", g, noise) / scale                    # (M, P)
+        return grad_x, None, None, None, None
 
 
 def perturbed_topk(x: Tensor, k: int, *, num_samples: int, sigma: float,
-                   noise: Tensor | None = None) -> Tensor:
+                   noise: Tensor | None = None, backward: str = "official") -> Tensor:
     """Soft top-K indicators x (M, P) -> (M, K, P): slot k holds the frequency with which each
     entry is the k-th smallest index among the top-K of x + σZ. Every slot sums to 1.
-    ``noise`` (M, num_samples, P) may be given (tests); by default drawn from the global RNG."""
+    ``noise`` (M, num_samples, P) may be given (tests); by default drawn from the global RNG.
+    ``backward``: "official" (diagonal Jacobian terms, the official code) or "full"."""
+    if backward not in TOPK_BACKWARDS:
+        raise ValueError(f"perturbed_topk: backward must be one of {TOPK_BACKWARDS}, got {backward!r}")
     if noise is None:
         noise = torch.randn(x.shape[0], num_samples, x.shape[1], dtype=x.dtype, device=x.device)
-    return _PerturbedTopK.apply(x, k, noise, sigma)
+    return _PerturbedTopK.apply(x, k, noise, sigma, backward)
 
 
 def hard_topk(x: Tensor, k: int) -> Tensor:
@@ -233,10 +300,11 @@ def hard_topk(x: Tensor, k: int) -> Tensor:
 class PatchSelector(nn.Module):
     """Scores patches from [φ(patch); φ(frame CLS); φ(video mean)] and keeps the top-K per frame."""
 
-    def __init__(self, *, dim: int, topk: int, video_context: bool, num_samples: int, sigma: float):
+    def __init__(self, *, dim: int, topk: int, video_context: bool, num_samples: int, sigma: float,
+                 backward: str = "official"):
         super().__init__()
         hidden = max(1, dim // 2)
-        self.topk, self.video_context = topk, video_context
+        self.topk, self.video_context, self.backward = topk, video_context, backward
         self.num_samples, self.sigma = num_samples, sigma
         self.inp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden, bias=False), nn.GELU())
         n_in = hidden * (3 if video_context else 2)
@@ -261,7 +329,8 @@ class PatchSelector(nn.Module):
                              "backbone; lower topk")
         sigma = self.scores(cls, patches).flatten(0, 1)                          # (B*T, P)
         if self.training:
-            ind = perturbed_topk(sigma, self.topk, num_samples=self.num_samples, sigma=self.sigma)
+            ind = perturbed_topk(sigma, self.topk, num_samples=self.num_samples, sigma=self.sigma,
+                                 backward=self.backward)
         else:
             ind = hard_topk(sigma, self.topk)                                    # (B*T, K, P)
         ind = ind.view(B, T, self.topk, P)                                       # (B, T, K, P)
@@ -285,7 +354,8 @@ class UCoFIA(nn.Module):
         self.temporal = (None if cfg.temporal_layers == 0 else
                          TemporalEncoder(dim=D, num_frames=cfg.max_frames, layers=cfg.temporal_layers))
         self.selector = PatchSelector(dim=D, topk=cfg.topk, video_context=cfg.selector_video_context,
-                                      num_samples=cfg.topk_samples, sigma=cfg.topk_sigma)
+                                      num_samples=cfg.topk_samples, sigma=cfg.topk_sigma,
+                                      backward=cfg.topk_backward)
         # coarse: A, B (official global_mat_weight, global_mat_weight_1)
         self.sentence_mat, self.video_mat = _eye(D), _eye(D)
         # frame-sentence ISA: W_f (official frame_logit_weight)
@@ -337,12 +407,16 @@ class UCoFIA(nn.Module):
                    ) -> tuple[Tensor, Tensor]:
         """One tile: s (a, D), words (a, L, D) projected, mask (a, L) bool, frames (b, T, D),
         patches (b, N, D) projected -> frame-sentence (a, b), patch-word (a, b)."""
-        tau = self.cfg.isa_temperature
-        c = torch.einsum("ad,btd->abt", s, frames)                               # (a, b, T)
-        s_fs = isa(c, self.frame_isa, tau)                                       # (a, b)
-        m = torch.einsum("ald,bnd->abnl", words, patches)                        # (a, b, N, L)
-        s_pw = bi_isa(m, self.word_isa, self.patch_isa, self.patch_isa_across, self.word_isa_across,
-                      tau, mask[:, None, :])                                     # (a, b)
+        tau, mode, used = self.cfg.isa_temperature, self.cfg.aggregation, self.cfg.granularities
+        skipped = s.new_zeros(s.shape[0], frames.shape[0])                       # a dropped granularity
+        s_fs = s_pw = skipped
+        if "frame_sentence" in used:
+            c = torch.einsum("ad,btd->abt", s, frames)                           # (a, b, T)
+            s_fs = aggregate(c, self.frame_isa, tau, None, mode)                 # (a, b)
+        if "patch_word" in used:
+            m = torch.einsum("ald,bnd->abnl", words, patches)                    # (a, b, N, L)
+            s_pw = bi_isa(m, self.word_isa, self.patch_isa, self.patch_isa_across, self.word_isa_across,
+                          tau, mask[:, None, :], mode=mode, order=self.cfg.bi_isa_order)  # (a, b)
         return s_fs, s_pw
 
     def _tile(self, *args: Tensor) -> tuple[Tensor, Tensor]:
@@ -351,7 +425,8 @@ class UCoFIA(nn.Module):
         return self._fine_tile(*args)
 
     def granularity_similarities(self, text: Features, video: Features) -> dict[str, Tensor]:
-        """Per-granularity (N_t, N_v) similarities (cosine units, no SK), computed in tiles."""
+        """Per-granularity (N_t, N_v) similarities (cosine units, no SK), computed in tiles; only the
+        configured ``granularities`` (a dropped one is not computed)."""
         self._check(text, video)
         mask = text["word_mask"] > 0.5                                           # (Nt, L)
         real = mask.any(dim=0).nonzero()
@@ -370,9 +445,10 @@ class UCoFIA(nn.Module):
                      for j in range(0, n_v, step)]
             rows_fs.append(torch.cat([t[0] for t in tiles], dim=1))              # (a, Nv)
             rows_pw.append(torch.cat([t[1] for t in tiles], dim=1))              # (a, Nv)
-        return {"video_sentence": s_vs,
-                "frame_sentence": torch.cat(rows_fs, dim=0),                     # (Nt, Nv)
-                "patch_word": torch.cat(rows_pw, dim=0)}                         # (Nt, Nv)
+        out = {"video_sentence": s_vs,
+               "frame_sentence": torch.cat(rows_fs, dim=0),                      # (Nt, Nv)
+               "patch_word": torch.cat(rows_pw, dim=0)}                          # (Nt, Nv)
+        return {g: out[g] for g in self.cfg.granularities}
 
     def sinkhorn_temperature(self) -> float:
         """τ = 1 / e^θ (CLIP's learned temperature, e^θ clamped at 100 as in the loss)."""
@@ -380,20 +456,21 @@ class UCoFIA(nn.Module):
 
     def combine(self, sims: dict[str, Tensor], sinkhorn_iters: int | None = None,
                 bank: dict[str, Tensor] | None = None) -> Tensor:
-        """Average the granularities, each SK-normalised first: (1/3) Σ_g SK_τ(S_g) -> (N_t, N_v).
+        """Average the granularities, each SK-normalised first: (1/|G|) Σ_g SK_τ(S_g) -> (N_t, N_v).
 
         ``sinkhorn_iters`` None = ``cfg.sinkhorn_iters``; 0 = plain mean. SK needs the *full*
         matrices (all evaluated texts x all videos). ``bank``: optional per-granularity
         (N_bank, N_v) matrices for the official bank form (see :func:`tvr.sinkhorn.sinkhorn_normalise`).
         """
-        missing = [g for g in GRANULARITIES if g not in sims]
+        used = self.cfg.granularities
+        missing = [g for g in used if g not in sims]
         if missing:
             raise KeyError(f"UCoFIA.combine: missing granularities {missing}; pass the dict returned "
                            "by granularity_similarities")
         n_iter = self.cfg.sinkhorn_iters if sinkhorn_iters is None else sinkhorn_iters
         tau = self.sinkhorn_temperature() if n_iter else 1.0
         out = [sinkhorn_normalise(sims[g], n_iter, temperature=tau,
-                                  bank=None if bank is None else bank[g]) for g in GRANULARITIES]
+                                  bank=None if bank is None else bank[g]) for g in used]
         return torch.stack(out).mean(dim=0)                                      # (N_t, N_v)
 
     def similarity(self, text: Features, video: Features) -> Tensor:
@@ -406,7 +483,7 @@ class UCoFIA(nn.Module):
         total = symmetric_ce(clip_logits(self.combine(sims, sinkhorn_iters=0), scale))
         out = {"loss": total}
         with torch.no_grad():
-            for g in GRANULARITIES:
+            for g in self.cfg.granularities:
                 out[f"ce_{g}"] = symmetric_ce(clip_logits(sims[g], scale))
         return out
 

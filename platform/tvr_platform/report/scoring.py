@@ -8,35 +8,36 @@ applied to the full final matrix (``tvr_platform.evaluation.evaluate``).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from tvr.methods.base import Features, prepare_video
-from tvr.metrics import Ranks, ranks_from_matrix, retrieval_metrics
-from tvr_platform.evaluation import evaluate
-
-
-def has_granular_sinkhorn(method: torch.nn.Module) -> bool:
-    return hasattr(method, "granularity_similarities") and hasattr(method, "combine")
+from tvr.metrics import Ranks
+from tvr_platform.evaluation import evaluate, own_sinkhorn
 
 
 @torch.no_grad()
 def evaluate_method(method: torch.nn.Module, text: Features, video: Features, text_to_video: Tensor, *,
-                    block: int, dsl: bool, sinkhorn_iters: int) -> tuple[dict[str, float], Ranks]:
-    """Metrics and ranks of ``method`` on embedded texts x videos (CPU)."""
-    if sinkhorn_iters > 0 and has_granular_sinkhorn(method):
-        sims = method.combine(method.granularity_similarities(text, video), sinkhorn_iters=sinkhorn_iters)
-        ranks = ranks_from_matrix(sims.float(), text_to_video, block=block, dsl_temp=100.0 if dsl else None)
-        return retrieval_metrics(ranks), ranks
+                    block: int, dsl: bool, sinkhorn_iters: int | None = None, v2t_rank: str = "videos",
+                    dsl_v2t: str = "texts", bank_text: Features | None = None) -> tuple[dict[str, float], Ranks]:
+    """Metrics and ranks of ``method`` on embedded texts x videos (CPU).
 
-    def model(mode: str, text_feats: Features | None = None, video_feats: Features | None = None) -> Any:
+    ``sinkhorn_iters``: the SK this method takes: for a method with its own (UCoFIA) its
+    per-granularity SK iterations (None = its config's), else the generic SK of the final matrix
+    (None = off). ``bank_text``: training-caption features for the official bank form."""
+    own = own_sinkhorn(method)
+
+    def model(mode: str, text_feats: Features | None = None, video_feats: Features | None = None) -> Tensor:
         if mode == "prepare_video":
             return prepare_video(method, video_feats)
         return method.similarity(text_feats, video_feats)
 
-    return evaluate(model, text, video, text_to_video, block=block, dsl=dsl, sinkhorn_iters=sinkhorn_iters)
+    model.method = method  # type: ignore[attr-defined]  (evaluate finds the method's own SK)
+    return evaluate(model, text, video, text_to_video, block=block, dsl=dsl,
+                    sinkhorn_iters=0 if own else int(sinkhorn_iters or 0),
+                    own_iters=sinkhorn_iters if own else None, v2t_rank=v2t_rank, dsl_v2t=dsl_v2t,
+                    bank_text=bank_text)
 
 
 def pair_scorer(method: torch.nn.Module, text: Features, video: Features) -> Callable[[Tensor, Tensor], Tensor]:
@@ -51,4 +52,4 @@ def pair_scorer(method: torch.nn.Module, text: Features, video: Features) -> Cal
     return score
 
 
-__all__ = ["evaluate_method", "has_granular_sinkhorn", "pair_scorer"]
+__all__ = ["evaluate_method", "pair_scorer"]

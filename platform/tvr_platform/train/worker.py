@@ -183,7 +183,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                            torch.cat([p[1] for p in parts]), config["num_test_videos"])
                     text = embed_texts(eval_module, eval_texts, job.data.eval_batch_size, device)
                     scores, _ = evaluate(eval_module, text, video, caption_video, block=job.eval.block_size,
-                                         dsl=job.eval.dsl, sinkhorn_iters=job.eval.sinkhorn_iters, device=device)
+                                         dsl=job.eval.dsl, sinkhorn_iters=job.eval.sinkhorn_iters, device=device,
+                                         v2t_rank=job.eval.v2t_rank, dsl_v2t=job.eval.dsl_v2t)
                     metrics.update(scores)
             metrics = gather_objects(metrics)[0]
         if tracker:
