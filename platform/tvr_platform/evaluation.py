@@ -119,11 +119,16 @@ def similarity_matrix(model: ModelCall, text: Features, video: Features, block: 
 
 
 def own_sinkhorn(method: Any) -> bool:
-    """True for a method that defines its own SK (per granularity, at its own temperature: UCoFIA):
-    ``granularity_similarities`` + ``combine`` and a ``cfg.sinkhorn_iters`` key."""
+    """True for a method that defines its own SK (per granularity, at its own temperature: UCoFIA,
+    or ExCae over UCoFIA, which exposes its base's hooks): ``granularity_similarities`` + ``combine``."""
     method = getattr(method, "method", method)                      # a RetrievalStep wraps it
-    return hasattr(method, "granularity_similarities") and hasattr(method, "combine") and \
-        hasattr(getattr(method, "cfg", None), "sinkhorn_iters")
+    return hasattr(method, "granularity_similarities") and hasattr(method, "combine")
+
+
+def _own_cfg_iters(method: Any) -> tuple[int, bool]:
+    """(SK iterations of the method whose ``combine`` runs, whether the outer method owns that key)."""
+    owner = getattr(method.combine, "__self__", method)
+    return int(owner.cfg.sinkhorn_iters), owner is method
 
 
 def sinkhorn_form(method: Any, *, sinkhorn_iters: int, own_iters: int | None = None,
@@ -131,7 +136,7 @@ def sinkhorn_form(method: Any, *, sinkhorn_iters: int, own_iters: int | None = N
     """What a report says about the SK that produced its numbers."""
     if own_sinkhorn(method):
         inner = getattr(method, "method", method)
-        n = inner.cfg.sinkhorn_iters if own_iters is None else own_iters
+        n = (sinkhorn_iters or _own_cfg_iters(inner)[0]) if own_iters is None else own_iters
         return f"per-granularity x{n}, {'bank (training captions)' if bank else 'transductive'}" if n else "off"
     return f"final matrix x{sinkhorn_iters}, transductive" if sinkhorn_iters else "off"
 
@@ -157,10 +162,12 @@ def evaluate(model: ModelCall, text: Features, video: Features, text_to_video: T
     kw = {"dsl_temp": dsl_temp, "v2t_rank": v2t_rank, "dsl_v2t": dsl_v2t}
     if own_sinkhorn(model):
         method = getattr(model, "method", model)
-        if sinkhorn_iters:
+        cfg_iters, direct = _own_cfg_iters(method)
+        if sinkhorn_iters and direct:
             raise ValueError(f"eval.sinkhorn_iters={sinkhorn_iters}: {type(method).__name__} has its own "
                              f"per-granularity SK; set model.{type(method).__name__.lower()}.sinkhorn_iters instead")
-        n_iter = method.cfg.sinkhorn_iters if own_iters is None else own_iters
+        # a wrapper (ExCae over UCoFIA) has no key of its own: eval.sinkhorn_iters drives its base's SK
+        n_iter = own_iters if own_iters is not None else (sinkhorn_iters or cfg_iters)
         if n_iter:
             sims = method.combine(method.granularity_similarities(to_device(text, device), to_device(video, device)),
                                   sinkhorn_iters=n_iter,

@@ -225,7 +225,8 @@ def eval_report(job: JobCfg, method: torch.nn.Module, text, video, caption_video
     from tvr_platform.report import build_report, global_embeddings, modality_gap, sample_similarity
     from tvr_platform.report.scoring import evaluate_method, pair_scorer
 
-    iters = getattr(job.method_cfg, "sinkhorn_iters", None) if own_sinkhorn(method) else job.eval.sinkhorn_iters
+    iters = getattr(job.method_cfg, "sinkhorn_iters", job.eval.sinkhorn_iters or None) if own_sinkhorn(method) \
+        else job.eval.sinkhorn_iters
     _, ranks = evaluate_method(method, text, video, caption_video, block=job.eval.block_size,
                                dsl=job.eval.dsl, sinkhorn_iters=iters, v2t_rank=job.eval.v2t_rank,
                                dsl_v2t=job.eval.dsl_v2t, bank_text=bank_text)

@@ -36,7 +36,7 @@ def evaluate_method(method: torch.nn.Module, text: Features, video: Features, te
     model.method = method  # type: ignore[attr-defined]  (evaluate finds the method's own SK)
     return evaluate(model, text, video, text_to_video, block=block, dsl=dsl,
                     sinkhorn_iters=0 if own else int(sinkhorn_iters or 0),
-                    own_iters=sinkhorn_iters if own else None, v2t_rank=v2t_rank, dsl_v2t=dsl_v2t,
+                    own_iters=None if not own or sinkhorn_iters is None else int(sinkhorn_iters), v2t_rank=v2t_rank, dsl_v2t=dsl_v2t,
                     bank_text=bank_text)
 
 
