@@ -3,6 +3,11 @@
 Both expose the same small surface to the loop: ``forward`` (the wrapped RetrievalStep),
 ``backward_step(loss)``, ``save(dir)``, ``load(dir)``, ``state_dict_for_export()`` and
 ``eval_module()`` (a context giving a plain module with full parameters for evaluation).
+
+Nothing read back from run storage runs code: every checkpoint file is loaded with
+``torch.load(weights_only=True)`` (:func:`safe_load`), DeepSpeed's shards included (its own
+checkpoint engine loads with ``weights_only=False``; :class:`DeepSpeedStrategy` replaces that
+load). A tampered file fails the resume with :class:`UnsafeCheckpointError` instead.
 """
 
 from __future__ import annotations
@@ -17,6 +22,36 @@ import torch
 from torch import nn
 
 from tvr_platform.config import TrainCfg
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint file holds something other than tensors and plain data: refused, not run."""
+
+
+def deepspeed_safe_globals() -> list[type]:
+    """The plain-data classes DeepSpeed 0.19 pickles into its ZeRO optimizer shards (a loss-scaler
+    record, the stage enum, fragment addresses): rebuilt from their fields, they call nothing else."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_load(path: str | Path, map_location: Any = "cpu", allow: list[type] = ()) -> Any:
+    """``torch.load(weights_only=True)`` (+ the ``allow``-listed plain-data classes); anything else in
+    the file (a pickled callable, a ``__reduce__`` payload) is refused before it can run."""
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals(list(allow)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = next((ln.strip() for ln in str(err).splitlines() if "Unsupported" in ln or "global" in ln),
+                      str(err).splitlines()[0])
+        raise UnsafeCheckpointError(f"{path}: refusing to load a checkpoint that is not plain tensors "
+                                    f"and data ({reason}); it was not written by tvr or was tampered with"
+                                    ) from None
 
 
 def lr_lambda(warmup: int, total: int):
@@ -102,6 +137,11 @@ class DeepSpeedStrategy:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
             dist_init_required=False)
+        # DeepSpeed's TorchCheckpointEngine.load is torch.load(weights_only=False): every file that
+        # load_checkpoint reads (model states, ZeRO optimizer shards) goes through this instead.
+        allow = deepspeed_safe_globals()
+        self.engine.checkpoint_engine.load = (
+            lambda path, map_location=None: safe_load(path, map_location, allow))
 
     def __call__(self, *args, **kwargs):
         return self.engine(*args, **kwargs)
@@ -137,7 +177,7 @@ class DeepSpeedStrategy:
             self.engine.save_16bit_model(str(checkpoint_dir), name)
             state = None
             if rank == 0:
-                state = torch.load(checkpoint_dir / name, map_location="cpu", weights_only=True)
+                state = safe_load(checkpoint_dir / name)
                 (checkpoint_dir / name).unlink()
         else:
             state = self.engine.module.state_dict() if rank == 0 else None
@@ -202,7 +242,7 @@ class DDPStrategy:
                        directory / "ddp.pt")
 
     def load(self, directory: Path) -> dict:
-        state = torch.load(directory / "ddp.pt", map_location="cpu", weights_only=False)
+        state = safe_load(directory / "ddp.pt")
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

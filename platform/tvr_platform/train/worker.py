@@ -33,6 +33,7 @@ from tvr_platform.train.strategy import (
     DeepSpeedStrategy,
     deepspeed_config,
     lr_lambda,
+    safe_load,
     zero3_init,
 )
 
@@ -109,7 +110,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             client_state = strategy.load(Path(d))
             rng_file = Path(d) / f"rng_rank{rank}.pt"
             if rng_file.exists():
-                torch.set_rng_state(torch.load(rng_file, weights_only=False)["torch"])
+                torch.set_rng_state(safe_load(rng_file)["torch"])
         start_epoch, global_step = client_state["epoch"] + 1, client_state["global_step"]
 
     probe = config.get("probe")  # test hook: the exact next step after a checkpoint, see probe_step
