@@ -215,23 +215,58 @@ def _fail(where: str, err: Exception) -> ConfigError:
     return ConfigError(f"{where}: {f'{key}: ' if key else ''}{msg}")
 
 
-def load_job(spec: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> JobCfg:
-    """Defaults < YAML ``spec`` < ``overrides`` ('key.sub=value'), validated strictly."""
+def yaml_error(path: str | os.PathLike, err: Exception) -> ConfigError:
+    """A YAML syntax error as one line: file, line and column (1-based), and what is wrong."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    return ConfigError(f"{where}: not valid YAML: {problem}; fix the spec at that line and column")
+
+
+def _read_spec(path: Path, *, stored: bool) -> Any:
+    """One spec file as an OmegaConf mapping. ``stored``: someone else's file (the registry, run
+    storage): parsed with ``yaml.safe_load`` and every ``${...}`` kept as literal text, so no
+    OmegaConf resolver (``oc.env``, ...) ever runs on it."""
+    import yaml
+
+    try:
+        text = path.read_text()
+        data = yaml.safe_load(text) if stored else None
+        loaded = OmegaConf.create(_escape_interpolations(data)) if stored else OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        raise yaml_error(path, err) from None
+    except (OmegaConfBaseException, ValueError, TypeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(loaded, type(OmegaConf.create({}))):
+        raise ConfigError(f"{path}: a job spec must be a YAML mapping")
+    return loaded
+
+
+def _escape_interpolations(node: Any) -> Any:
+    """Every ``${`` in a string is escaped for OmegaConf: kept as text, never resolved."""
+    if isinstance(node, str):
+        return node.replace("${", "\\${")
+    if isinstance(node, dict):
+        return {k: _escape_interpolations(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_escape_interpolations(v) for v in node]
+    return node
+
+
+def load_job(spec: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = (),
+             *, stored: bool = False) -> JobCfg:
+    """Defaults < YAML ``spec`` < ``overrides`` ('key.sub=value'), validated strictly.
+
+    ``stored=True`` for a spec tvr did not get from its user (see :func:`load_stored_job`)."""
     schema = OmegaConf.structured(JobCfg)
     layers = []
     if spec is not None:
         from tvr_platform.specs import resolve_spec
 
-        path = resolve_spec(spec)  # jobs/train.yaml outside a checkout: the shipped spec
+        path = Path(spec) if stored else resolve_spec(spec)  # jobs/train.yaml outside a checkout: the shipped spec
         if not path.is_file():
             raise ConfigError(f"{path}: job spec file not found")
-        try:
-            loaded = OmegaConf.load(path)
-        except Exception as err:
-            raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
-        if not isinstance(loaded, type(OmegaConf.create({}))):
-            raise ConfigError(f"{path}: a job spec must be a YAML mapping")
-        layers.append((str(path), loaded))
+        layers.append((str(path), _read_spec(path, stored=stored)))
     bad = [o for o in overrides if "=" not in o or o.startswith("=")]
     if bad:
         raise ConfigError(f"command line: overrides must look like key.sub=value, got {bad}")
@@ -251,6 +286,59 @@ def load_job(spec: str | os.PathLike | None = None, overrides: list[str] | tuple
     assert isinstance(job, JobCfg)
     job.run.name = job.run.name.replace("{method}", job.model.method)
     return anchor_local_paths(job)
+
+
+# Keys of a spec that say where data, storage, tracking and endpoints are (and which credentials
+# to send there). In a stored spec they are never followed: the caller's own values win.
+PLACE_KEYS = ("run.work_dir", "storage.uri", "storage.endpoint_url", "storage.region", "data.root",
+              "tracking.uri", "tracking.artifact_location", "cluster.address", "cluster.env_vars",
+              "captions.api_base_url", "captions.api_key_env")
+
+
+def _get(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _set(obj: Any, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        obj = getattr(obj, part)
+    setattr(obj, leaf, value)
+
+
+def load_stored_job(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (), *,
+                    caller: JobCfg | None = None, where: str | None = None, report: Any = "stderr") -> JobCfg:
+    """A job spec read back from the model registry or run storage: someone else's file.
+
+    Loaded without OmegaConf resolvers (``${oc.env:AWS_SECRET_ACCESS_KEY}`` stays that text), and
+    every place it names (:data:`PLACE_KEYS`: storage, endpoints, data root, tracking server,
+    cluster, env vars) is replaced by the caller's own value (``caller``, default: defaults +
+    ``overrides``); the keys
+    that differed are reported in one line (``report``: 'stderr', a callable, or None), never
+    followed."""
+    import sys
+
+    from tvr_platform.redaction import redact
+
+    job = load_job(path, overrides, stored=True)
+    caller = caller or load_job(None, overrides)
+    differ = {}
+    for key in PLACE_KEYS:
+        theirs, mine = _get(job, key), _get(caller, key)
+        if theirs != mine:
+            differ[key] = theirs
+            _set(job, key, mine)
+    if differ and report is not None:
+        shown = ", ".join(f"{k}={redact(v)!r}" for k, v in differ.items())
+        line = (f"[tvr] {where or path}: the stored spec names {shown}; not followed, using this "
+                "command's own values (set them as overrides to choose)")
+        if callable(report):
+            report(line)
+        else:
+            print(line, file=sys.stderr)
+    return job
 
 
 def _is_local(uri: str) -> bool:
@@ -286,7 +374,9 @@ def anchor_local_paths(job: JobCfg, base: str | os.PathLike | None = None) -> Jo
 def job_from_dict(data: dict[str, Any]) -> JobCfg:
     """Rebuild a JobCfg from :func:`job_to_dict` output (what crosses a Ray boundary)."""
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(JobCfg), OmegaConf.create(data)))
+        # Values were resolved where the job was loaded: a '${' left in one is text, never resolved here.
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(JobCfg),
+                                                   OmegaConf.create(_escape_interpolations(data))))
     except OmegaConfBaseException as err:
         raise _fail("job dict", err) from None
 

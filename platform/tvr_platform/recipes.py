@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from tvr_platform.config import JobCfg, load_job
+from tvr_platform.config import JobCfg, load_job, load_stored_job
 
 
 def print_table(title: str, rows: dict[str, Any]) -> None:
@@ -142,9 +142,9 @@ def load_eval_target(target: str, overrides: list[str], tracking_uri: str | None
         base = load_job(None, overrides)
         check_model_uri(target, tracking_uri or base.tracking_uri)
         job_file, weights = download_model(target, tracking_uri or base.tracking_uri)
-        job, method = build_from_artifacts(job_file, weights)
-        if overrides:  # e.g. a different split, eval flags or data root for the same model
-            job = load_job(job_file, overrides)
+        # The registry's spec: no resolvers; this command's data root / storage / tracking win.
+        job = load_stored_job(job_file, overrides, caller=base, where=target)
+        job, method = build_from_artifacts(job_file, weights, job)
         return job, method.eval()
     job = load_job(target, overrides)
     weights = Path(job.work_dir) / "exports" / job.run.name / "model.pt"
@@ -209,7 +209,7 @@ def sinkhorn_override(target: str, overrides: list[str], iters: int) -> str:
             from tvr_platform.registry import download_model
 
             job_file, _ = download_model(target, load_job(None, overrides).tracking_uri)
-            method = load_job(job_file).model.method
+            method = load_job(job_file, stored=True).model.method
     else:
         method = load_job(target, overrides).model.method
     from tvr.methods import get_spec

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from tvr_platform.config import JobCfg, job_to_yaml, load_job
+from tvr_platform.config import JobCfg, job_to_yaml, load_stored_job
 
 WEIGHTS, JOB_SPEC = "weights.pt", "job.yaml"
 
@@ -53,11 +53,15 @@ def trained_state_dict(method: torch.nn.Module, state: dict[str, torch.Tensor],
     return {k: v for k, v in state.items() if k in keep}
 
 
-def build_from_artifacts(job_file: Path, weights_file: Path) -> tuple[JobCfg, torch.nn.Module]:
+def build_from_artifacts(job_file: Path, weights_file: Path, job: JobCfg | None = None
+                         ) -> tuple[JobCfg, torch.nn.Module]:
+    """The method a registered version holds. Its ``job.yaml`` is someone else's file: loaded with
+    :func:`load_stored_job` (no resolvers; the places it names are never followed) unless the
+    caller passes the ``job`` it already loaded that way; weights with ``weights_only=True``."""
     from tvr.backbone import ClipBackbone
     from tvr.methods import build_method
 
-    job = load_job(job_file)
+    job = job or load_stored_job(job_file, report=None)
     torch.manual_seed(job.run.seed)
     method = build_method(job.model.method, job.method_cfg, ClipBackbone(job.model.backbone))
     state = torch.load(weights_file, map_location="cpu", weights_only=True)

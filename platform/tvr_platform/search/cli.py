@@ -106,7 +106,9 @@ def load_job_format(meta: dict) -> str:
     """The data.format of the job that built the index (recorded in its meta)."""
     import yaml
 
-    return ((yaml.safe_load(meta.get("job") or "") or {}).get("data") or {}).get("format", "msrvtt")
+    fmt = ((yaml.safe_load(meta.get("job") or "") or {}).get("data") or {}).get("format", "msrvtt")
+    # read from index storage and passed on as an override: a name, never an interpolation
+    return fmt if isinstance(fmt, str) and fmt.isidentifier() else "msrvtt"
 
 
 def add_subcommands(sub) -> None:

@@ -135,7 +135,7 @@ def build_index(model_uri: str, videos_uri: str, *, overrides: list[str] | None 
     """
     import ray.data
 
-    from tvr_platform.config import job_to_yaml, load_job
+    from tvr_platform.config import job_to_yaml, load_job, load_stored_job
     from tvr_platform.data.decode import DecodeClips
     from tvr_platform.data.pipeline import backbone_preprocess
     from tvr_platform.registry import download_model
@@ -145,7 +145,7 @@ def build_index(model_uri: str, videos_uri: str, *, overrides: list[str] | None 
     tracking_uri = tracking_uri or base.tracking_uri
     pinned = pin_model_version(model_uri, tracking_uri)
     job_file, weights_file = download_model(pinned, tracking_uri)
-    job: JobCfg = load_job(job_file, overrides or [])
+    job: JobCfg = load_stored_job(job_file, overrides or [], caller=base, where=pinned)
     videos = open_storage(videos_uri, endpoint_url=job.storage.endpoint_url, region=job.storage.region)
     index_uri = index_uri or default_index_uri(videos.uri, model_uri)
     store = open_storage(index_uri, endpoint_url=job.storage.endpoint_url, region=job.storage.region)

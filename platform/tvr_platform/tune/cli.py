@@ -45,7 +45,8 @@ def cmd_promote(args: argparse.Namespace) -> int:
     run_id = args.run_id or best_campaign_run(job.tracking_uri, job.tracking.experiment,
                                               args.campaign or campaign_name(job))
     out = promote_run(job.tracking_uri, run_id, name=args.name or job.tracking.registered_model,
-                      metric=args.metric or job.tune.metric, mode=args.mode or job.tune.mode, force=args.force)
+                      metric=args.metric or job.tune.metric, mode=args.mode or job.tune.mode, force=args.force,
+                      caller=job)
     print(f"[tvr] registered models:/{out['name']}/{out['version']} from run {run_id}: challenger moved; "
           f"champion {'moved' if out['promoted'] else 'kept'} ({out['reason']})")
     return 0

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from tvr_platform.config import JobCfg, load_job
+from tvr_platform.config import JobCfg, load_stored_job
 
 MANIFEST_HASH_TAG = "data_manifest_hash"
 
@@ -54,7 +54,7 @@ def trial_weights(job: JobCfg, checkpoint_path: str, work: Path) -> Path:
 
 
 def promote_run(tracking_uri: str, run_id: str, *, name: str = "", metric: str = "t2v_R1",
-                mode: str = "max", force: bool = False) -> dict[str, Any]:
+                mode: str = "max", force: bool = False, caller: JobCfg | None = None) -> dict[str, Any]:
     """Register the weights of MLflow run ``run_id`` (a trial child run or a train run) and move
     the aliases. Returns {name, version, score, champion_score, promoted}."""
     from mlflow.tracking import MlflowClient
@@ -69,7 +69,10 @@ def promote_run(tracking_uri: str, run_id: str, *, name: str = "", metric: str =
         raise ValueError(f"MLflow run {run_id} is {run.info.status}: only finished runs have final weights")
     with tempfile.TemporaryDirectory() as tmp:
         spec = Path(client.download_artifacts(run_id, "config/job.yaml", tmp))
-        job = load_job(spec)
+        # The run's own spec (run storage): no resolvers; the promoting job's places win.
+        job = load_stored_job(spec, caller=caller, where=f"MLflow run {run_id}")
+        if caller is None:
+            job.tracking.uri = tracking_uri
         metrics = {k.removeprefix("final/"): v for k, v in run.data.metrics.items()
                    if k.startswith("final/") and k != "final/wall_s"}
         if metric not in metrics:
@@ -91,7 +94,7 @@ def promote_run(tracking_uri: str, run_id: str, *, name: str = "", metric: str =
 def promote_trial(job: JobCfg, run_id: str) -> dict[str, Any]:
     """A campaign's ``tune.promote``: register ``run_id`` under the campaign's model name."""
     return promote_run(job.tracking_uri, run_id, name=job.tracking.registered_model,
-                       metric=job.tune.metric, mode=job.tune.mode)
+                       metric=job.tune.metric, mode=job.tune.mode, caller=job)
 
 
 def best_campaign_run(tracking_uri: str, experiment: str, campaign: str) -> str:

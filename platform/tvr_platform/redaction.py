@@ -1,0 +1,67 @@
+"""Redaction by value: what tvr prints or logs (a spec, a URI, params, a runtime_env) never carries
+a credential, whatever key it sits under.
+
+Three kinds of secret are replaced by ``***``:
+
+- the userinfo of a URL (``http://user:pass@host`` -> ``http://***@host``), in any string;
+- the value of every environment variable whose *name* looks like a credential
+  (``AWS_SECRET_ACCESS_KEY``, ``MLFLOW_TRACKING_PASSWORD``, ``OPENAI_API_KEY``, ...), and the key
+  material of the AWS credential chain, wherever that value appears;
+- the value under a credential-looking key in a mapping (``cluster.env_vars.DB_PASSWORD``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+MASK = "***"
+# Names (env vars, config keys) that carry credentials.
+SECRET_NAME = re.compile(r"SECRET|PASSWORD|PASSWD|TOKEN(?!IZ)|CREDENTIAL|PRIVATE_KEY|ACCESS_KEY|API_KEY|APIKEY|"
+                         r"SESSION_KEY", re.IGNORECASE)
+# scheme://userinfo@ -- credentials inside a URL (user[:password] before the host).
+URL_USERINFO = re.compile(r"([a-z][a-z0-9+.-]*://)[^/@\s'\"]+@", re.IGNORECASE)
+_MIN_SECRET = 6  # shorter values (flags like 'false') would mask ordinary words
+
+
+def _aws_chain() -> list[str]:
+    try:
+        import boto3
+
+        creds = boto3.session.Session().get_credentials()
+        if creds is None:
+            return []
+        frozen = creds.get_frozen_credentials()
+        return [frozen.access_key or "", frozen.secret_key or "", frozen.token or ""]
+    except Exception:  # noqa: BLE001 - redaction must never fail
+        return []
+
+
+def secret_values(extra: tuple[str, ...] = ()) -> list[str]:
+    """Every value that must never be printed: env values of credential-looking names, the AWS
+    chain's key material, and ``extra``; longest first (so a secret containing another goes whole)."""
+    vals = {v for k, v in os.environ.items() if SECRET_NAME.search(k)}
+    vals |= set(_aws_chain()) | set(extra)
+    return sorted((v for v in vals if v and len(v) >= _MIN_SECRET), key=len, reverse=True)
+
+
+def redact_text(text: str, extra: tuple[str, ...] = ()) -> str:
+    """``text`` with URL userinfo and every secret value replaced by ``***``."""
+    text = URL_USERINFO.sub(rf"\1{MASK}@", text)
+    for s in secret_values(extra):
+        text = text.replace(s, MASK)
+    return text
+
+
+def redact(obj: Any, extra: tuple[str, ...] = ()) -> Any:
+    """A copy of ``obj`` (str / mapping / list / tuple / scalar) with every secret masked; values
+    under credential-looking mapping keys become ``***`` whatever they are."""
+    if isinstance(obj, str):
+        return redact_text(obj, extra)
+    if isinstance(obj, dict):
+        return {k: (MASK if isinstance(k, str) and SECRET_NAME.search(k) and v not in (None, "")
+                    else redact(v, extra)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(redact(v, extra) for v in obj)
+    return obj
