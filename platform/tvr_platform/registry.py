@@ -1,8 +1,8 @@
 """The MLflow model registry: register a trained model (weights + job spec + tokenizer info),
 move aliases, and reload a version as a ready tvr method.
 
-A registered version is a pyfunc model whose artifacts are ``weights.pt`` (the method's
-consolidated state dict, or only its trained parameters when the backbone is a frozen pretrained
+A registered version is an MLflow "models from code" pyfunc (``registry_model.py``: no pickled
+object) whose artifacts are ``weights.pt`` (the method's consolidated state dict, or only its trained parameters when the backbone is a frozen pretrained
 reference — VoP's tiny checkpoints) and ``job.yaml`` (the resolved job spec). Its ``predict``
 embeds text queries; ``load_method`` rebuilds the full method for evaluation and search.
 """
@@ -16,28 +16,13 @@ from typing import Any
 import torch
 
 from tvr_platform.config import JobCfg, job_to_yaml, load_stored_job
+from tvr_platform.redaction import redact_text
 
 WEIGHTS, JOB_SPEC = "weights.pt", "job.yaml"
 
 
-def _pyfunc_model_class():
-    import mlflow.pyfunc
-
-    class TvrRetrievalModel(mlflow.pyfunc.PythonModel):
-        """pyfunc: a DataFrame/list of query strings -> L2-normalised text embeddings."""
-
-        def load_context(self, context):
-            self.job, self.method = build_from_artifacts(Path(context.artifacts["job"]),
-                                                         Path(context.artifacts["weights"]))
-
-        def predict(self, context, model_input, params=None):
-            texts = list(model_input["text"] if hasattr(model_input, "columns") else model_input)
-            with torch.no_grad():
-                feats = self.method.encode_text(self.method.backbone.tokenize(texts))
-            first = next(iter(feats.values()))
-            return torch.nn.functional.normalize(first.float(), dim=-1).numpy()
-
-    return TvrRetrievalModel
+MODEL_CODE = Path(__file__).with_name("registry_model.py")
+"""The models-from-code file logged as the pyfunc model (see :mod:`tvr_platform.registry_model`)."""
 
 
 def trained_state_dict(method: torch.nn.Module, state: dict[str, torch.Tensor],
@@ -108,10 +93,10 @@ def register_model(job: JobCfg, weights_path: Path, run_id: str, *, name: str, m
     with tempfile.TemporaryDirectory() as tmp:
         w, j = Path(tmp) / WEIGHTS, Path(tmp) / JOB_SPEC
         torch.save(trained_state_dict(method, state, job), w)
-        j.write_text(job_to_yaml(job))
+        j.write_text(redact_text(job_to_yaml(job)))
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
-                name="model", python_model=_pyfunc_model_class()(),
+                name="model", python_model=str(MODEL_CODE),  # models from code: no pickle
                 artifacts={"weights": str(w), "job": str(j)},
                 pip_requirements=["tvr", "torch", "open_clip_torch"],
                 registered_model_name=name, signature=signature(),
@@ -123,7 +108,7 @@ def register_model(job: JobCfg, weights_path: Path, run_id: str, *, name: str, m
     all_tags = {"method": job.model.method, "backbone": job.model.backbone.name,
                 "tokenizer": f"open_clip:{job.model.backbone.name}",
                 "context_length": str(method.backbone.context_length),
-                "dataset": job.dataset_uri, **{f"metric.{k}": f"{v:.4f}" for k, v in metrics.items()},
+                "dataset": redact_text(job.dataset_uri), **{f"metric.{k}": f"{v:.4f}" for k, v in metrics.items()},
                 **(tags or {})}
     for k, v in all_tags.items():
         client.set_model_version_tag(name, version, k, str(v))

@@ -205,3 +205,42 @@ def test_yaml_syntax_error_names_line_and_column(tmp_path):
         load_job(spec)
     msg = str(err.value)
     assert "\n" not in msg and msg.startswith(f"{spec}:5:") and "not valid YAML" in msg
+
+
+def test_registered_model_is_code_not_a_pickle_and_holds_no_secret(tmp_path, monkeypatch):
+    """The registry holds tvr's models-from-code file, weights and a redacted job.yaml: no
+    cloudpickle, and loading the pyfunc runs tvr's installed code only."""
+    import mlflow
+    import yaml
+
+    from tvr.backbone import ClipBackbone
+    from tvr.methods import build_method
+    from tvr_platform.config import load_job
+    from tvr_platform.registry import MODEL_CODE, download_model, register_model
+    from tvr_platform.tracking import start_run
+
+    monkeypatch.setenv("TVR_TEST_SECRET_KEY", PLANTED)
+    job = load_job(None, [f"run.work_dir={tmp_path}", "model.backbone.name=tvr-tiny", "data.num_frames=2",
+                          f"storage.endpoint_url=http://user:{PLANTED}@minio.example:9000"])
+    method = build_method(job.model.method, job.method_cfg, ClipBackbone(job.model.backbone))
+    torch.save(method.state_dict(), tmp_path / "model.pt")
+    tracker = start_run(job)
+    version = register_model(job, tmp_path / "model.pt", tracker.run_id, name="safe", metrics={"t2v_R1": 1.0})
+    tracker.terminate()
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/safe/{version}",
+                                                     dst_path=str(tmp_path / "dl"), tracking_uri=job.tracking_uri))
+    names = {p.name for p in local.rglob("*")}
+    assert not any(n.endswith((".pkl", ".pickle", ".cloudpickle")) for n in names), names
+    flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
+    assert flavor.get("model_code_path") and "python_model" not in flavor
+    code = next(p for p in local.rglob("*.py") if p.name == MODEL_CODE.name)
+    assert code.read_text() == MODEL_CODE.read_text()     # tvr's own file, which imports the installed tvr
+    blob = "".join(p.read_text(errors="ignore") for p in local.rglob("*") if p.is_file() and p.suffix != ".pt")
+    assert PLANTED not in blob and "minio.example" in blob  # the job.yaml is there, redacted
+    job_file, _ = download_model(f"models:/safe/{version}", job.tracking_uri)
+    assert PLANTED not in job_file.read_text()
+    model = mlflow.pyfunc.load_model(str(local))
+    import pandas as pd
+
+    out = model.predict(pd.DataFrame({"text": ["a red circle moves left", "two squares"]}))
+    assert out.shape[0] == 2 and abs(float((out[0] ** 2).sum()) - 1.0) < 1e-4
