@@ -235,6 +235,40 @@ def reference_markdown() -> str:
             os.environ["COLUMNS"] = old
 
 
+def user_error(err: BaseException) -> str | None:
+    """The one-line message of a failure the user can fix (bad input, a read-only path, a refused
+    checkpoint), unwrapping Ray's wrappers; None for a bug (which keeps its traceback)."""
+    from tvr_platform.config import ConfigError
+
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, ConfigError):
+            return f"config error: {err}"
+        if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+            return f"{err}" if "[Errno" not in str(err) else f"{err.strerror}: {err.filename} (check the path and its permissions)"
+        if isinstance(err, ValueError) or type(err).__name__ in ("UnsafeCheckpointError", "StorageError",
+                                                                "AnnotationError", "DecodeError"):
+            return str(err).splitlines()[0] if str(err) else type(err).__name__
+        nxt = getattr(err, "cause", None) if isinstance(getattr(err, "cause", None), BaseException) else None
+        err = nxt or err.__cause__ or err.__context__
+    return None
+
+
+def _run(args: argparse.Namespace) -> int:
+    from tvr_platform.tracking import end_open_runs
+
+    try:
+        return args.func(args)
+    except Exception as err:
+        message = user_error(err)
+        if message is None:
+            raise
+        end_open_runs("FAILED")
+        print(f"tvr: {message}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     _quiet_env()
     args = build_parser().parse_args(argv)
@@ -242,18 +276,21 @@ def main(argv: list[str] | None = None) -> int:
     if spec and "=" in spec and not spec.endswith((".yaml", ".yml")):  # optional spec omitted
         args.spec, args.overrides = None, [spec, *args.overrides]
     from tvr_platform import logs
-    from tvr_platform.config import ConfigError
+    from tvr_platform.redaction import redacted_output
+    from tvr_platform.tracking import end_open_runs
 
     if not args.verbose:
         logs.quiet()
     try:
-        return args.func(args)
-    except ConfigError as err:
-        print(f"tvr: config error: {err}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as err:
-        print(f"tvr: {err}", file=sys.stderr)
-        return 2
+        with redacted_output():          # no credential reaches stdout / stderr, whoever prints it
+            return _run(args)
+    except KeyboardInterrupt:
+        end_open_runs("KILLED")
+        print("tvr: interrupted; its MLflow run is marked KILLED", file=sys.stderr)
+        return 130
+    except BaseException:
+        end_open_runs("FAILED")
+        raise
     finally:
         if logs.log_file() is not None:
             print(f"[tvr] Ray / MLflow logs: {logs.log_file()} (tvr -v ... shows them here)")

@@ -40,6 +40,12 @@ class RunCfg:
     seed: int = 0
     """Seed for model init, sampling and evaluation noise."""
 
+    def __post_init__(self) -> None:
+        # run.name goes into MLflow filter strings, paths and Ray run names
+        if not self.name.strip() or any(c in self.name for c in "'\"`\\"):
+            raise ValueError(f"run.name={self.name!r}: use letters, digits, '-', '_' or '.' "
+                             "(no quotes or backslashes)")
+
 
 @dataclass(kw_only=True)
 class StorageCfg:
@@ -97,6 +103,12 @@ class TrainCfg:
             raise ValueError("train.zero_stage must be one of 0, 1, 2, 3")
         if self.epochs < 1 or self.grad_accum < 1 or self.num_workers < 0:
             raise ValueError("train.epochs and train.grad_accum must be >= 1, train.num_workers >= 0")
+        for key in ("lr", "backbone_lr", "weight_decay", "grad_clip", "warmup_steps", "max_steps_per_epoch",
+                    "peak_tflops", "max_failures"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"train.{key}={getattr(self, key)} must be >= 0")
+        if self.cpus_per_worker <= 0:
+            raise ValueError(f"train.cpus_per_worker={self.cpus_per_worker} must be > 0 (e.g. 0.5 or 1)")
 
 
 @dataclass(kw_only=True)
@@ -165,6 +177,10 @@ class JobCfg:
     captions: CaptionsCfg = field(default_factory=CaptionsCfg)
 
     def __post_init__(self) -> None:
+        from tvr.backbone import SCHEMAS, model_config
+
+        if not self.model.backbone.name.startswith(SCHEMAS):
+            model_config(self.model.backbone.name)  # an unknown backbone: one line naming the choices
         if self.model.method not in METHODS:
             raise ValueError(f"model.method={self.model.method!r} is not a tvr method; "
                              f"choose one of {sorted(METHODS)}")

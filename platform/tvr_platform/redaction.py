@@ -12,6 +12,7 @@ Three kinds of secret are replaced by ``***``:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from typing import Any
@@ -65,3 +66,32 @@ def redact(obj: Any, extra: tuple[str, ...] = ()) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(redact(v, extra) for v in obj)
     return obj
+
+
+class RedactingStream:
+    """A text stream wrapper that redacts every write (the CLI's stdout / stderr: tvr's own prints
+    and the worker logs Ray forwards to the driver)."""
+
+    def __init__(self, stream: Any):
+        self._stream = stream
+        self._secrets = tuple(secret_values())
+
+    def write(self, text: str) -> int:
+        self._stream.write(redact_text(text, self._secrets) if isinstance(text, str) else text)
+        return len(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def redacted_output():
+    """sys.stdout / sys.stderr redacted for the duration (nested use is harmless)."""
+    import sys
+
+    old = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = (s if isinstance(s, RedactingStream) else RedactingStream(s) for s in old)
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = old

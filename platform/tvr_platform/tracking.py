@@ -22,8 +22,26 @@ _SECRET = re.compile(r"(secret|token|password|passwd|api_key|apikey|access_key|c
 
 
 def redact(params: dict[str, Any]) -> dict[str, Any]:
-    """Replace values of credential-looking keys with '***'."""
-    return {k: ("***" if _SECRET.search(k) else v) for k, v in params.items()}
+    """Values of credential-looking keys become '***'; every other value is redacted by value (URL
+    userinfo, env values of secret-looking names: :mod:`tvr_platform.redaction`)."""
+    from tvr_platform.redaction import redact_text, secret_values
+
+    secrets = tuple(secret_values())
+    return {k: ("***" if _SECRET.search(k) else redact_text(str(v), secrets) if v is not None else v)
+            for k, v in params.items()}
+
+
+# Runs this process opened and has not terminated: a command that fails marks them FAILED/KILLED.
+_OPEN: dict[str, Tracker] = {}
+
+
+def end_open_runs(status: str = "FAILED") -> None:
+    """Mark every run this process left open with ``status`` (the CLI calls it on every failure)."""
+    for tracker in list(_OPEN.values()):
+        try:
+            tracker.terminate(status)
+        except Exception:  # noqa: BLE001 - the tracking server may be what failed
+            _OPEN.pop(tracker.run_id, None)
 
 
 def git_commit(repo: Path | None = None) -> str:
@@ -82,27 +100,36 @@ class Tracker:
             self.client.log_batch(self.run_id, params=new[i:i + 90])
 
     def set_tags(self, tags: dict[str, str]) -> None:
+        from tvr_platform.redaction import redact_text
+
         for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, v)
+            self.client.set_tag(self.run_id, k, redact_text(str(v)))
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, text, artifact_file)
+        from tvr_platform.redaction import redact_text
+
+        self.client.log_text(self.run_id, redact_text(text), artifact_file)
 
     def log_dict(self, data: dict, artifact_file: str) -> None:
-        self.client.log_dict(self.run_id, data, artifact_file)
+        from tvr_platform.redaction import redact
+
+        self.client.log_dict(self.run_id, redact(data), artifact_file)
 
     def terminate(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status)
+        _OPEN.pop(self.run_id, None)
 
     def url(self) -> str:
         """The run's page on a tracking server (http[s]), else where to find it in a local store."""
+        from tvr_platform.redaction import redact_text
+
         run = self.client.get_run(self.run_id)
         if self.tracking_uri.startswith(("http://", "https://")):
-            return f"{self.tracking_uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{self.run_id}"
-        return f"{self.tracking_uri} experiment {run.info.experiment_id} run {self.run_id}"
+            return redact_text(f"{self.tracking_uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{self.run_id}")
+        return redact_text(f"{self.tracking_uri} experiment {run.info.experiment_id} run {self.run_id}")
 
 
 def start_run(job: JobCfg, *, nested_in: str | None = None, run_name: str | None = None) -> Tracker:
@@ -126,6 +153,7 @@ def start_run(job: JobCfg, *, nested_in: str | None = None, run_name: str | None
     else:
         run_id = client.create_run(exp_id, run_name=name, tags=tags).info.run_id
     tracker = Tracker(job.tracking_uri, run_id)
+    _OPEN[run_id] = tracker
     from tvr_platform.runs import applicable_params, source_tags
 
     tracker.set_tags({**source_tags(job), **tags})  # mlflow.source.*, mlflow.user, mlflow.note.content

@@ -244,3 +244,94 @@ def test_registered_model_is_code_not_a_pickle_and_holds_no_secret(tmp_path, mon
 
     out = model.predict(pd.DataFrame({"text": ["a red circle moves left", "two squares"]}))
     assert out.shape[0] == 2 and abs(float((out[0] ** 2).sum()) - 1.0) < 1e-4
+
+
+# -- failures are one clear line; no run left RUNNING; nothing leaks -------------------------------
+
+@pytest.mark.parametrize("override, needle", [
+    ("train.cpus_per_worker=-1", "train.cpus_per_worker=-1.0 must be > 0"),
+    ("train.lr=-0.1", "train.lr=-0.1 must be >= 0"),
+    ("model.backbone.name=ViT-Nope-99", "model.backbone.name='ViT-Nope-99' is not an open_clip model"),
+    ("run.name=it's", "run.name=\"it's\": use letters"),
+])
+def test_bad_values_are_one_line_naming_the_key(tmp_path, capsys, override, needle):
+    from tvr_platform.cli import main
+
+    assert main(["train", "jobs/quickstart.yaml", f"run.work_dir={tmp_path}", override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0] and "Traceback" not in err[0], err
+
+
+def test_yaml_error_through_the_cli_names_line_and_column(tmp_path, capsys):
+    from tvr_platform.cli import main
+
+    spec = tmp_path / "bad.yaml"
+    spec.write_text("train:\n  lr: 1e-3\n  epochs: [2\n")
+    assert main(["train", str(spec), f"run.work_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{spec}:4:1: not valid YAML" in err[0], err
+
+
+def test_a_failing_command_leaves_no_run_running_and_prints_no_secret(tmp_path, capsys, monkeypatch):
+    """A user-fixable failure after the MLflow run started: one line, the run FAILED, and the
+    planted credentials appear nowhere in stdout/stderr, the MLflow DB or the run's artifacts."""
+    import argparse
+
+    from mlflow.tracking import MlflowClient
+
+    from tvr_platform import cli
+    from tvr_platform.config import job_to_yaml, load_job
+    from tvr_platform.tracking import start_run
+
+    monkeypatch.setenv("TVR_TEST_SECRET_KEY", PLANTED)
+    job = load_job(None, [f"run.work_dir={tmp_path}", f"tracking.artifact_location={(tmp_path / 'art').as_uri()}",
+                          f"storage.endpoint_url=http://user:pw-{PLANTED}@minio.example:9000",
+                          f"data.root=s3://bucket/{PLANTED}"])
+    state = {}
+
+    def failing(args):
+        tracker = start_run(job)
+        state["run_id"] = tracker.run_id
+        tracker.log_text(job_to_yaml(job), "config/job.yaml")
+        tracker.set_tags({"tvr.dataset": job.dataset_uri})
+        print(f"[tvr] reading {job.dataset_uri} via {job.storage.endpoint_url}")
+        raise ValueError(f"{job.dataset_uri}: no MSRVTT_data.json; run `tvr data check`")
+
+    args = argparse.Namespace(func=failing)
+    with cli_streams():
+        assert cli._run(args) == 2
+    out = capsys.readouterr()
+    ours = [line for line in out.err.splitlines() if line.startswith("tvr:")]   # (MLflow's own INFO lines aside)
+    assert len(ours) == 1 and "no MSRVTT_data.json" in ours[0] and "Traceback" not in out.err
+    assert PLANTED not in out.out + out.err and "minio.example" in out.out
+    client = MlflowClient(job.tracking_uri)
+    run = client.get_run(state["run_id"])
+    assert run.info.status == "FAILED"
+    stored = repr(run.data.params) + repr(run.data.tags)
+    assert PLANTED not in stored and "pw-" not in stored
+    assert PLANTED not in (tmp_path / "mlflow.db").read_bytes().decode("latin-1")
+    for f in (tmp_path / "art").rglob("*"):
+        if f.is_file():
+            assert PLANTED.encode() not in f.read_bytes(), f
+
+
+@contextlib.contextmanager
+def cli_streams():
+    from tvr_platform.redaction import redacted_output
+
+    with redacted_output():
+        yield
+
+
+def test_redaction_by_value():
+    from tvr_platform.redaction import redact, redact_text
+
+    os.environ["TVR_TEST_API_TOKEN"] = PLANTED
+    try:
+        assert redact_text(f"see https://bob:hunter22@mlflow.example/x and {PLANTED}!") == \
+            "see https://***@mlflow.example/x and ***!"
+        assert redact({"cluster": {"env_vars": {"DB_PASSWORD": "x1", "MODE": f"a{PLANTED}"}}, "n": 3}) == \
+            {"cluster": {"env_vars": {"DB_PASSWORD": "***", "MODE": "a***"}}, "n": 3}
+        assert redact_text("TOKENIZERS_PARALLELISM=false s3://bucket/key") == "TOKENIZERS_PARALLELISM=false s3://bucket/key"
+    finally:
+        del os.environ["TVR_TEST_API_TOKEN"]

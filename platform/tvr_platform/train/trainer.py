@@ -82,7 +82,14 @@ def run_training(job: JobCfg, *, callbacks: list | None = None, tracker: Tracker
 
     train_manifest = load_manifest(job, job.data.train_split)
     test_manifest = load_manifest(job, job.data.test_split)
+    global_batch = job.data.batch_size * max(1, job.train.num_workers)
+    if len(train_manifest.video_ids) < global_batch:
+        raise ValueError(
+            f"split {job.data.train_split!r} has {len(train_manifest.video_ids)} training clips, fewer than one "
+            f"global batch (data.batch_size={job.data.batch_size} x train.num_workers={job.train.num_workers} "
+            f"= {global_batch}): zero training steps; lower data.batch_size or add clips")
     init_ray(job)
+    check_cpu_budget(job)  # before an MLflow run exists: a refused job leaves nothing RUNNING
     if tracker is None:
         from tvr_platform.runs import log_dataset_inputs
 
@@ -90,7 +97,6 @@ def run_training(job: JobCfg, *, callbacks: list | None = None, tracker: Tracker
         tracker.log_text(job_to_yaml(job), "config/job.yaml")
         log_dataset_inputs(tracker, job, {"train": train_manifest, "test": test_manifest})
         print(f"[tvr] MLflow run: {tracker.url()}", flush=True)  # in a submitted job's logs from the start
-    check_cpu_budget(job)
     storage_path, storage_fs = run_storage(job)
     if job.train.num_workers == 0 and storage_fs is None:
         (Path(storage_path) / job.run.name / "local").mkdir(parents=True, exist_ok=True)
@@ -126,8 +132,8 @@ def run_training(job: JobCfg, *, callbacks: list | None = None, tracker: Tracker
     )
     try:
         result = trainer.fit()
-    except Exception:
-        tracker.terminate("FAILED")
+    except BaseException as err:
+        tracker.terminate("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
     metrics = dict(result.metrics or {})
     weights = None
