@@ -120,6 +120,99 @@ def zero3_init(ds_config: dict) -> Iterator[list[nn.Parameter]]:
         Init._zero_init_param = original
 
 
+def open_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """An open_clip-format checkpoint as a lazily read state dict: ``.safetensors`` through
+    ``safe_open`` and zip-format ``torch.save`` files memory-mapped (``mmap=True``,
+    ``weights_only``), so a tensor's bytes are read only when it is copied. Other files (OpenAI's
+    TorchScript archives, legacy pickles) go through :func:`tvr.backbone.read_checkpoint`, which
+    holds their state dict in host memory. ``{"state_dict": ...}`` and DDP ``module.`` prefixes
+    are unwrapped as open_clip does."""
+    from tvr.backbone import read_checkpoint
+
+    state: Any = None
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        f = safe_open(path, framework="pt", device="cpu")
+        state = {k: _LazyTensor(f, k) for k in f.keys()}  # noqa: SIM118  (safe_open is no dict)
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except Exception:  # noqa: BLE001  (not a zip-format state dict: JIT archive, legacy pickle)
+            state = None
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            state = read_checkpoint(path)
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+class _LazyTensor:
+    """One safetensors entry: shape known, bytes read by ``load()``."""
+
+    def __init__(self, f, key: str):
+        self.f, self.key = f, key
+        self.shape = torch.Size(f.get_slice(key).get_shape())
+
+    def load(self) -> torch.Tensor:
+        return self.f.get_tensor(self.key)
+
+
+def _full_shape(p: nn.Parameter) -> torch.Size:
+    return torch.Size(getattr(p, "ds_shape", p.shape))
+
+
+def load_pretrained_partitioned(model: nn.Module, path: str | None, rank: int) -> int:
+    """Copy an open_clip-format checkpoint into ``model`` (an open_clip CLIP) whose parameters
+    ZeRO-3 partitioned at construction (:func:`zero3_init`), without any host holding the whole
+    model: rank 0 reads the (memory-mapped) checkpoint, and one module's parameters at a time are
+    gathered (``GatheredParameters(modifier_rank=0)``), overwritten on rank 0 and re-partitioned,
+    which broadcasts them to their owners. Only rank 0 needs ``path`` (other ranks pass None).
+
+    Checked before anything is copied, on rank 0, with the verdict broadcast so that every rank
+    raises together (no hang): every parameter has a checkpoint entry of its element count (0-dim
+    entries fill the shape-[1] parameters :func:`zero3_init` holds), no entry is left over (the
+    non-persistent ``attn_mask`` buffer is not a parameter). Returns the number of parameters
+    loaded. Unlike open_clip's ``load_checkpoint`` there is no position-embedding resizing: a
+    checkpoint of another grid or context length is an error."""
+    import deepspeed
+    import torch.distributed as dist
+
+    state = open_state_dict(path) if rank == 0 else None
+    error = None
+    if rank == 0:
+        params = dict(model.named_parameters())
+        missing = [n for n in params if n not in state]
+        extra = [k for k in state if k not in params and not k.endswith("attn_mask")]
+        wrong = [f"{n} {tuple(state[n].shape)} vs {tuple(_full_shape(p))}" for n, p in params.items()
+                 if n in state and math.prod(state[n].shape) != _full_shape(p).numel()]
+        if missing or extra or wrong:
+            error = (f"model.backbone.pretrained: {path} does not fit this architecture (missing "
+                     f"{missing[:5]}, unexpected {extra[:5]}, wrong shape {wrong[:5]}); check model.backbone.name")
+    if dist.is_initialized():
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise ValueError(error)
+    count = 0
+    for prefix, module in model.named_modules():
+        own = list(module.named_parameters(recurse=False))
+        if not own:
+            continue
+        with deepspeed.zero.GatheredParameters([p for _, p in own], modifier_rank=0):
+            if rank == 0:
+                with torch.no_grad():
+                    for name, p in own:
+                        src = state[f"{prefix}.{name}" if prefix else name]
+                        src = src.load() if isinstance(src, _LazyTensor) else src
+                        p.data.copy_(src.reshape(p.shape).to(p.dtype))
+        count += len(own)
+    return count
+
+
 class DeepSpeedStrategy:
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler, ds_config: dict,
                  held_scalars: list[nn.Parameter] = ()):

@@ -163,7 +163,8 @@ def check_cpu_budget(job: JobCfg) -> None:
 
 
 def resolve_pretrained(job: JobCfg) -> str | None:
-    """An s3:// backbone checkpoint is downloaded once to the work dir; tags and paths pass through."""
+    """An s3:// backbone checkpoint is downloaded once to the work dir (streamed to a temporary
+    file, then renamed: never held in memory, never half-written); tags and paths pass through."""
     ref = job.model.backbone.pretrained
     if ref and ref.startswith("models:/"):       # a backbone registered by `tvr pretrain`
         from tvr_platform.pretrain.recipe import resolve_backbone_ref
@@ -177,5 +178,7 @@ def resolve_pretrained(job: JobCfg) -> str | None:
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         store = open_storage(ref.rsplit("/", 1)[0], endpoint_url=job.storage.endpoint_url, region=job.storage.region)
-        target.write_bytes(store.read_bytes(ref.rsplit("/", 1)[1]))
+        part = target.with_name(f"{target.name}.part-{os.getpid()}")
+        store.download_file(ref.rsplit("/", 1)[1], part)
+        part.replace(target)
     return str(target)

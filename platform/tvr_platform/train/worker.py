@@ -32,6 +32,7 @@ from tvr_platform.train.strategy import (
     DDPStrategy,
     DeepSpeedStrategy,
     deepspeed_config,
+    load_pretrained_partitioned,
     lr_lambda,
     safe_load,
     zero3_init,
@@ -53,15 +54,55 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def build_model(job: JobCfg, pretrained_path: str | None) -> torch.nn.Module:
-    """Backbone + method, built identically on every rank (same seed). Under ZeRO-3 the
-    parameters are partitioned at construction (deepspeed.zero.Init), so no host holds them all."""
+def build_model(job: JobCfg, pretrained_path: str | None,
+                zero3_config: dict | None = None) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
+    """Backbone + method, built identically on every rank (same seed), and the 0-dim parameters
+    held as shape [1] (ZeRO-3 only, see :func:`zero3_init`).
+
+    Under ZeRO-3 (``zero3_config``, DeepSpeed's config) the parameters are partitioned at
+    construction (``deepspeed.zero.Init``), so no host holds them all: the backbone is built
+    without weights, with the activation the weights need, and the checkpoint (an open_clip tag's
+    file, a local file or one fetched from s3://) is then streamed into the partitions by
+    :func:`load_pretrained_partitioned`, read on rank 0 only."""
+    from dataclasses import replace
+
     backbone_cfg = job.model.backbone
     if pretrained_path is not None:
-        from dataclasses import replace
-
         backbone_cfg = replace(backbone_cfg, pretrained=pretrained_path)
-    return build_method(job.model.method, job.method_cfg, ClipBackbone(backbone_cfg))
+    if zero3_config is None:
+        return build_method(job.model.method, job.method_cfg, ClipBackbone(backbone_cfg)), []
+    from tvr.backbone import download_tag, pretrained_tag_cfg, resolve_quick_gelu
+
+    ref = backbone_cfg.pretrained
+    rank = world()[0]
+    tag = pretrained_tag_cfg(backbone_cfg.name, ref)
+    qg = resolve_quick_gelu(backbone_cfg.name, ref, backbone_cfg.quick_gelu) if ref else backbone_cfg.quick_gelu
+    with zero3_init(zero3_config) as held:
+        method = build_method(job.model.method, job.method_cfg,
+                              ClipBackbone(replace(backbone_cfg, pretrained=None, quick_gelu=qg)))
+    if ref:
+        clip = method.backbone.clip
+        load_pretrained_partitioned(clip, (download_tag(tag) if tag else ref) if rank == 0 else None, rank)
+        if tag:  # the tag's preprocessing, as tvr.backbone.create_clip sets it
+            from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+            from open_clip.model import set_model_preprocess_cfg
+            from open_clip.transform import merge_preprocess_dict
+
+            set_model_preprocess_cfg(clip, merge_preprocess_dict(
+                {"size": clip.visual.image_size, "mean": OPENAI_DATASET_MEAN, "std": OPENAI_DATASET_STD}, tag))
+    return method, held
+
+
+def local_pretrained(job: JobCfg, path: str | None, rank: int, zero3: bool) -> str | None:
+    """The checkpoint file on this worker's node: the driver fetched an s3:// checkpoint to its
+    own work dir, which a worker on another node does not see, so such a worker fetches it again
+    (once per node). Under ZeRO-3 only rank 0 reads it."""
+    ref = job.model.backbone.pretrained
+    if not path or not ref or not ref.startswith("s3://") or Path(path).is_file() or (zero3 and rank != 0):
+        return path
+    from tvr_platform.train.trainer import resolve_pretrained
+
+    return resolve_pretrained(job)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -81,12 +122,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     zero3 = job.train.strategy == "deepspeed" and job.train.zero_stage == 3
     ds_cfg = deepspeed_config(job.train, job.data.batch_size, use_bf16)
-    held_scalars: list[torch.nn.Parameter] = []
-    if zero3:
-        with zero3_init(ds_cfg) as held_scalars:
-            method = build_model(job, config.get("pretrained_path"))
-    else:
-        method = build_model(job, config.get("pretrained_path"))
+    method, held_scalars = build_model(job, local_pretrained(job, config.get("pretrained_path"), rank, zero3),
+                                       ds_cfg if zero3 else None)
     gather = all_gather_with_grad if job.train.gather_with_grad else (lambda x: x)
     module = RetrievalStep(method, gather).to(device)
 
