@@ -118,6 +118,31 @@ def _join(*parts: str) -> str:
     return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
 
 
+class OutsideRoot(StorageError):
+    """A relative path (a manifest's video file, ...) that would leave the storage root."""
+
+
+def escapes_root(rel: str) -> bool:
+    """True when ``rel`` climbs above its root ('../x', 'a/../../x'; '\\' counts as '/'): such a
+    path would read another folder locally, or another prefix or bucket on S3."""
+    depth = 0
+    for part in rel.replace("\\", "/").split("/"):
+        if part == "..":
+            depth -= 1
+            if depth < 0:
+                return True
+        elif part not in ("", "."):
+            depth += 1
+    return False
+
+
+def inside(root: str, rel: str) -> str:
+    """``rel`` unchanged when it stays inside ``root``, else :class:`OutsideRoot`."""
+    if escapes_root(rel):
+        raise OutsideRoot(f"{rel!r} leaves the storage root {redact(root)} ('..'): refused, never read")
+    return rel
+
+
 class Storage:
     """A local directory or an S3 prefix. Picklable (clients are created lazily per process)."""
 
@@ -169,16 +194,17 @@ class Storage:
 
     def url(self, rel: str = "") -> str:
         """Full URI (or absolute local path) of ``rel``."""
+        inside(self.uri, rel)
         if self.is_s3:
             return f"s3://{_join(self.bucket, self.prefix, rel)}"
         return str(self.root / rel.strip("/")) if rel.strip("/") else str(self.root)
 
     def _key(self, rel: str) -> str:
-        return _join(self.prefix, rel)
+        return _join(self.prefix, inside(self.uri, rel))
 
     def _path(self, rel: str) -> Path:
         assert self.root is not None
-        return self.root / rel.strip("/")
+        return self.root / inside(self.uri, rel).strip("/")
 
     # -- clients ---------------------------------------------------------------------------------
     def _resolved_region(self) -> str:
@@ -222,7 +248,7 @@ class Storage:
 
     def arrow_path(self, rel: str = "") -> str:
         """The path of ``rel`` on :meth:`pyarrow_filesystem` ('bucket/key' for S3)."""
-        return _join(self.bucket, self.prefix, rel) if self.is_s3 else self.url(rel)
+        return _join(self.bucket, self.prefix, inside(self.uri, rel)) if self.is_s3 else self.url(rel)
 
     # -- errors ----------------------------------------------------------------------------------
     def _error(self, err: BaseException, rel: str, action: str) -> StorageError:

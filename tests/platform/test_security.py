@@ -7,6 +7,7 @@ import os
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -335,3 +336,41 @@ def test_redaction_by_value():
         assert redact_text("TOKENIZERS_PARALLELISM=false s3://bucket/key") == "TOKENIZERS_PARALLELISM=false s3://bucket/key"
     finally:
         del os.environ["TVR_TEST_API_TOKEN"]
+
+
+# -- manifest paths stay inside the data root ------------------------------------------------------
+
+def test_paths_leaving_the_storage_root_are_refused_locally_and_on_s3(tmp_path):
+    from tvr_platform.storage import OutsideRoot, escapes_root, open_storage
+
+    assert escapes_root("../../outside/evil.mp4") and escapes_root("a/../../b") and escapes_root("..\\x")
+    assert not escapes_root("a/../b.mp4") and not escapes_root("./v/1.mp4") and not escapes_root("/abs.mp4")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "evil.mp4").write_bytes(b"secret")
+    local = open_storage(str(tmp_path / "data" / "videos"))
+    s3 = open_storage("s3://bucket/data/videos", endpoint_url="http://127.0.0.1:1")
+    for store in (local, s3):
+        for call in (store.url, store.read_bytes, store.exists, store.arrow_path):
+            with pytest.raises(OutsideRoot, match="leaves the storage root"):
+                call("../../outside/evil.mp4")
+    assert s3.url("v/1.mp4") == "s3://bucket/data/videos/v/1.mp4"
+
+
+def test_decode_quarantines_an_out_of_root_clip_without_reading_it(tmp_path):
+    from tvr_platform.data.decode import DecodeClips
+    from tvr_platform.storage import open_storage
+
+    videos = open_storage(str(tmp_path / "videos"))
+    (tmp_path / "videos").mkdir()
+    quarantine = open_storage(str(tmp_path / "q"))
+    udf = DecodeClips(videos=videos, num_frames=2, size=8, mean=(0.0,) * 3, std=(1.0,) * 3, train=False,
+                      seed=0, split="test", quarantine=quarantine)
+    udf._read = lambda rel: pytest.fail(f"read {rel}")     # noqa: ARG005 - must never be called
+    out = udf({"file": np.array(["../../other-bucket/key.mp4"]), "video_index": np.array([0]),
+               "seg_start": np.array([np.nan]), "seg_end": np.array([np.nan]), "epoch_seed": np.array([0])})
+    assert out["frames"].shape == (1, 2, 3, 8, 8) and not out["frames"].any()
+    import json
+
+    records = [json.loads(line) for f in (tmp_path / "q").glob("*.jsonl") for line in f.read_text().splitlines()]
+    assert len(records) == 1 and "outside the data root" in records[0]["action"]
+    assert "leaves the storage root" in records[0]["reason"]

@@ -78,7 +78,20 @@ class DecodeClips:
             vidx = int(batch["video_index"][i])
             seg = (float(batch["seg_start"][i]), float(batch["seg_end"][i]))
             seg = None if math.isnan(seg[0]) else seg
-            uri = self.videos.url(rel)
+            try:
+                uri = self.videos.url(rel)
+            except StorageError as err:              # '../' in a manifest path: never read
+                records.append({"uri": rel, "reason": str(err)[:300], "split": self.split,
+                                "action": "skipped (outside the data root)" if self.train else
+                                "zero frames (outside the data root)"})
+                if self.raw:
+                    keep.append(i)
+                    valid.append(False)
+                    frames.append(np.zeros((self.num_frames, self.size, self.size, 3), np.uint8))
+                elif not self.train:
+                    keep.append(i)
+                    frames.append(np.zeros((self.num_frames, 3, self.size, self.size), np.float32))
+                continue
             rng = np.random.default_rng([self.seed, int(batch["epoch_seed"][i]), pass_idx, vidx])
             try:
                 data = self._read(rel)
