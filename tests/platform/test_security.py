@@ -374,3 +374,48 @@ def test_decode_quarantines_an_out_of_root_clip_without_reading_it(tmp_path):
     records = [json.loads(line) for f in (tmp_path / "q").glob("*.jsonl") for line in f.read_text().splitlines()]
     assert len(records) == 1 and "outside the data root" in records[0]["action"]
     assert "leaves the storage root" in records[0]["reason"]
+
+
+# -- the quarantine report is written -------------------------------------------------------------
+
+def test_quarantine_report_lands_under_the_run_and_in_mlflow(tmp_path):
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from tvr.data.annotations import Manifest
+    from tvr_platform.config import load_job
+    from tvr_platform.data.pipeline import quarantine_uri
+    from tvr_platform.storage import open_storage
+    from tvr_platform.tracking import start_run
+    from tvr_platform.train.trainer import report_quarantine
+
+    job = load_job(None, [f"run.work_dir={tmp_path}", "run.name=q"])
+    tracker = start_run(job)
+    manifest = Manifest(dataset="msrvtt", split="train", video_ids=["v1"], video_files=["v1.mp4"], captions=["c"],
+                        caption_video=[0], quarantine=[{"uri": "MSRVTT_data.json#v2", "reason": "empty caption"}])
+    decoded = {"uri": "../../outside/evil.mp4", "reason": "leaves the storage root", "split": "train",
+               "action": "skipped (outside the data root)"}
+    open_storage(quarantine_uri(job, "train")).write_bytes("part-x.jsonl", (json.dumps(decoded) + "\n").encode())
+    assert report_quarantine(job, tracker, manifest) == 2
+    on_disk = [json.loads(x) for x in (Path(job.storage_uri) / "runs" / "q" / "quarantine.jsonl").read_text().splitlines()]
+    assert {r["action"] for r in on_disk} == {"dropped", "skipped (outside the data root)"}
+    client = MlflowClient(job.tracking_uri)
+    local = client.download_artifacts(tracker.run_id, "quarantine.jsonl", str(tmp_path / "dl"))
+    assert [json.loads(x) for x in Path(local).read_text().splitlines()] == on_disk
+    assert client.get_run(tracker.run_id).data.metrics["data/quarantined"] == 2
+    tracker.terminate()
+
+
+def test_duplicate_video_ids_are_reported_not_merged_silently():
+    from tvr.data.annotations import _Builder
+
+    b = _Builder("msvd", "train", lambda v: f"{v}.avi")
+    for vid, cap in (("a", "one"), ("b", "two"), ("a", "three")):
+        b.video(vid, where="train_list.txt")
+        b.caption(vid, cap, "raw-captions.pkl")
+    m = b.build("train_list.txt")
+    assert m.video_ids == ["a", "b"]
+    assert [r for r in m.quarantine if r.get("action") == "merged"] == [
+        {"uri": "train_list.txt#a", "action": "merged",
+         "reason": "duplicate video id in the listing: its entries are merged into one video"}]

@@ -192,9 +192,18 @@ class _Builder:
         self.quarantine: list[dict[str, str]] = []
 
     def video(self, vid: str, *, file: str | None = None, segment: tuple[float, float] | None = None,
-              where: str = "") -> None:
+              where: str = "", listed: bool = True) -> None:
+        """Add ``vid`` once. ``listed``: the call comes from a listing of videos (a split list, a
+        one-row-per-video file), where a repeated id is a duplicate: reported, its entries merged
+        (captions of both kept; the first file wins). Per-caption records pass ``listed=False``."""
         vid = str(vid)
         if vid in self.caps:
+            if listed:
+                other = file or self.file_of(vid)
+                self.quarantine.append({
+                    "uri": f"{where or self.dataset}#{vid}", "action": "merged",
+                    "reason": "duplicate video id in the listing: its entries are merged into one video"
+                              + (f" (file {other!r} ignored, {self.files[vid]!r} kept)" if other != self.files[vid] else "")})
             return
         self.order.append(vid)
         self.caps[vid] = []
@@ -378,7 +387,7 @@ def read_didemo(source: Source, split: str) -> Manifest:
     for r in records:
         vid = str(_need(r, "video", data_path))
         if not source.exists(list_path):
-            b.video(vid, segment=(0.0, DIDEMO_SECONDS))
+            b.video(vid, segment=(0.0, DIDEMO_SECONDS), listed=False)   # one record per moment
         b.caption(vid, _need(r, "description", data_path), data_path)
     return b.build(data_path)
 
@@ -469,7 +478,7 @@ def read_vatex(source: Source, split: str) -> Manifest:
         for r in _list_of(_json(source, path), path, "videos"):
             vid = str(_need(r, "videoID", path))
             if not source.exists(list_path):
-                b.video(vid)
+                b.video(vid, listed=False)                               # the release files may overlap
             caps = _need(r, "enCap", path)
             for cap in caps if isinstance(caps, list) else [caps]:
                 b.caption(vid, cap, path)

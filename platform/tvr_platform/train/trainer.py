@@ -7,6 +7,7 @@ MLflow run is reopened (found by its ``tvr.run_name`` tag).
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,8 +134,10 @@ def run_training(job: JobCfg, *, callbacks: list | None = None, tracker: Tracker
     try:
         result = trainer.fit()
     except BaseException as err:
+        report_quarantine(job, tracker, train_manifest, test_manifest)
         tracker.terminate("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
+    report_quarantine(job, tracker, train_manifest, test_manifest)
     metrics = dict(result.metrics or {})
     weights = None
     if result.checkpoint is not None:
@@ -147,6 +150,27 @@ def run_training(job: JobCfg, *, callbacks: list | None = None, tracker: Tracker
                 weights.write_bytes(src.read_bytes())
     return TrainingResult(metrics=metrics, checkpoint_path=result.checkpoint.path if result.checkpoint else "",
                           weights_path=weights, tracker=tracker)
+
+
+def report_quarantine(job: JobCfg, tracker: Tracker, *manifests) -> int:
+    """Every skipped / padded / patched / out-of-root clip and dropped or merged annotation of the
+    run: ``<storage>/runs/<run.name>/quarantine.jsonl`` and the run's MLflow artifact
+    ``quarantine.jsonl`` (+ metric ``data/quarantined``). Never fails the run it reports on."""
+    import logging
+
+    from tvr_platform.config import join_uri
+    from tvr_platform.data.pipeline import read_quarantine, write_quarantine
+
+    try:
+        write_quarantine(job, join_uri(job.storage_uri, "runs", job.run.name), *manifests)
+        records = read_quarantine(job, *manifests)
+        if records:
+            tracker.log_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), "quarantine.jsonl")
+        tracker.log_metrics({"data/quarantined": len(records)})
+        return len(records)
+    except Exception as err:  # noqa: BLE001 - a report must not turn a finished run into a failed one
+        logging.getLogger(__name__).warning("could not write the quarantine report: %s", err)
+        return -1
 
 
 def check_cpu_budget(job: JobCfg) -> None:
