@@ -148,6 +148,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             rng_file = Path(d) / f"rng_rank{rank}.pt"
             if rng_file.exists():
                 torch.set_rng_state(safe_load(rng_file)["torch"])
+            state_file = Path(d) / STATE_FILE
+            if tracker and state_file.exists():
+                log_committed_epoch(tracker, json.loads(state_file.read_text()))
         start_epoch, global_step = client_state["epoch"] + 1, client_state["global_step"]
 
     probe = config.get("probe")  # test hook: the exact next step after a checkpoint, see probe_step
@@ -225,9 +228,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                          v2t_rank=job.eval.v2t_rank, dsl_v2t=job.eval.dsl_v2t)
                     metrics.update(scores)
             metrics = gather_objects(metrics)[0]
-        if tracker:
-            tracker.log_metrics({f"val/{k}" if k.startswith(("t2v_", "v2t_")) else k: v
-                                 for k, v in metrics.items()}, step=global_step)
         if rank == 0:
             print(epoch_line(epoch, job.train.epochs, global_step, metrics, len(losses) * job.data.batch_size
                              * world_size / max(time.perf_counter() - t_epoch, 1e-9),
@@ -247,11 +247,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 torch.save({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
                            d / EXPORT_FILE)
         if rank == 0:
-            (d / STATE_FILE).write_text(json.dumps({"epoch": epoch, "global_step": global_step}))
+            (d / STATE_FILE).write_text(json.dumps({"epoch": epoch, "global_step": global_step,
+                                                    "metrics": metrics}))
+        crash = config.get("crash") or {}  # test hook: rank 0 dies just before / after this report
+        if rank == 0 and crash.get("epoch") == epoch and crash.get("when") == "before_report":
+            raise RuntimeError(f"injected crash before the epoch-{epoch} report")
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=f"epoch={epoch:04d}")
         if not config.get("local_checkpoint_root"):
             shutil.rmtree(tmp, ignore_errors=True)
+        if rank == 0 and crash.get("epoch") == epoch and crash.get("when") == "after_report":
+            time.sleep(2.0)
+            raise RuntimeError(f"injected crash after the epoch-{epoch} report")
+        # Logged once the checkpoint holding this epoch is reported, never before: a run that dies
+        # earlier redoes the epoch, and one that dies in between logs it on resume (log_committed_epoch).
+        log_epoch(tracker, metrics, global_step)
         if probe is not None and epoch == probe:
             report_probe(tracker, probe_step(strategy, module, device, job), global_step)
             return
@@ -264,6 +274,23 @@ def epoch_line(epoch: int, epochs: int, step: int, metrics: dict[str, Any], samp
     val = f"  val t2v_R1 {metrics['t2v_R1']:.1f}" if "t2v_R1" in metrics else ""
     return (f"[tvr] epoch {epoch + 1}/{epochs}  step {step}  loss {metrics['train_loss']:.4f}{val}  "
             f"{samples_per_s:.1f} samples/s  ETA {left // 60}m{left % 60:02d}s")
+
+
+def log_epoch(tracker, metrics: dict[str, Any], step: int) -> None:
+    """An epoch's metrics to MLflow (rank 0), evaluation scores under ``val/``."""
+    if tracker:
+        tracker.log_metrics({f"val/{k}" if k.startswith(("t2v_", "v2t_")) else k: v
+                             for k, v in metrics.items()}, step=step)
+
+
+def log_committed_epoch(tracker, state: dict[str, Any]) -> None:
+    """On resume: log the restored checkpoint's epoch if the run that wrote it died before logging
+    it (its ``epoch`` metric has no value at that step), so every epoch appears exactly once."""
+    if "metrics" not in state:
+        return
+    logged = tracker.client.get_metric_history(tracker.run_id, "epoch")
+    if not any(m.step == state["global_step"] for m in logged):
+        log_epoch(tracker, state["metrics"], state["global_step"])
 
 
 def report_probe(tracker, loss: float, step: int) -> None:
