@@ -614,3 +614,46 @@ def test_driver_leaves_the_jobs_env_vars_to_the_job():
     assert launch.job_env_var_names({"RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps(sub_env)}) == {
         "TVR_TEST_MARK", "TVR_RAY_JOB_ID"}
     assert launch.job_env_var_names({}) == set()
+
+
+def _git_checkout(tmp_path):
+    import subprocess
+
+    root = _fake_checkout(tmp_path / "repo")
+    shutil.rmtree(root / ".git", ignore_errors=True)      # the fake one: a real repository instead
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=root, check=True)
+    return root
+
+
+def test_only_git_tracked_files_and_named_ones_are_shipped(tmp_path):
+    root = _git_checkout(tmp_path)
+    (root / "scratch.txt").write_text("untracked notes")
+    (root / "jobs" / "mine.yaml").write_text("run: {name: mine}\n")
+    env, (wd, _) = sb.code_runtime_env(sb.DEFAULT_EXCLUDES, root, ship_untracked=["jobs/*.yaml"])
+    assert "scratch.txt" not in wd.files and "jobs/mine.yaml" in wd.files and "tvr/backbone.py" in wd.files
+    assert "/scratch.txt" in env["excludes"]
+
+
+@pytest.mark.parametrize("secret", [".env", ".aws/credentials", "id_rsa", ".netrc", "secrets.json"])
+def test_known_secret_files_are_refused_even_when_tracked(tmp_path, secret):
+    import subprocess
+
+    root = _git_checkout(tmp_path)
+    (root / secret).parent.mkdir(parents=True, exist_ok=True)
+    (root / secret).write_text("AWS_SECRET_ACCESS_KEY=abc")
+    subprocess.run(["git", "add", "-f", secret], cwd=root, check=True)
+    with pytest.raises(sb.SubmitError, match=rf"refusing to ship credential file\(s\) {re.escape(secret)}"):
+        sb.code_runtime_env(sb.DEFAULT_EXCLUDES, root)
+    (root / ".gitignore").write_text((root / ".gitignore").read_text() + f"\n{secret}\n")
+    subprocess.run(["git", "rm", "-q", "--cached", secret], cwd=root, check=True)
+    _, (wd, _) = sb.code_runtime_env(sb.DEFAULT_EXCLUDES, root)   # ignored and untracked: stays home
+    assert secret not in wd.files
+
+
+def test_the_real_checkout_ships_no_secret_file():
+    root = sb.find_checkout()
+    if root is None:
+        pytest.skip("not running from a checkout")
+    _, uploads = sb.code_runtime_env(sb.DEFAULT_EXCLUDES, root)
+    assert not sb.secret_files(f for u in uploads for f in u.files)

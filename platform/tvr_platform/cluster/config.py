@@ -29,6 +29,9 @@ class ClusterCfg:
     """``tvr submit`` uploads this checkout (runtime_env working_dir + py_modules); False = the cluster image has tvr installed."""
     excludes: list[str] = field(default_factory=list)
     """Extra .gitignore-style patterns left out of the uploaded code (on top of the built-in ones)."""
+    ship_untracked: list[str] = field(default_factory=list)
+    """Files git does not track that ``tvr submit`` ships anyway (glob patterns relative to the
+    checkout root); everything else untracked stays home. Credential files are refused regardless."""
 
     def __post_init__(self) -> None:
         if self.entrypoint_num_gpus < 0 or self.entrypoint_num_cpus < 0:

@@ -238,15 +238,56 @@ def plan_upload(base: Path, excludes: list[str], include_gitignore: bool = True)
     return Upload(base, sorted(files), total)
 
 
+SECRET_FILES = (".env", ".env.*", "*.env", ".netrc", "_netrc", ".pgpass", ".git-credentials", ".npmrc", ".pypirc",
+                "id_rsa*", "id_dsa*", "id_ecdsa*", "id_ed25519*", "*.pem", "*.key", "*.p12", "*.pfx", "*.jks",
+                "secrets.json", "secrets.yaml", "secrets.yml", "credentials.json", "credentials", "kubeconfig",
+                "*.kubeconfig", "auth_token", "service-account*.json")
+"""File names (any folder) tvr refuses to ship: keys, tokens and credential stores."""
+SECRET_DIRS = (".aws", ".ssh", ".gnupg", ".kube", ".docker", ".config/gcloud")
+
+
+def secret_files(files: Iterable[str]) -> list[str]:
+    """The relative paths among ``files`` that look like credentials (:data:`SECRET_FILES`,
+    anything under :data:`SECRET_DIRS`)."""
+    import fnmatch
+
+    found = []
+    for f in files:
+        name = f.rsplit("/", 1)[-1]
+        in_dir = any(f"/{d}/" in f"/{f}" for d in SECRET_DIRS)
+        if in_dir or any(fnmatch.fnmatchcase(name, pat) for pat in SECRET_FILES):
+            found.append(f)
+    return sorted(found)
+
+
+def untracked_files(root: Path, files: Iterable[str], named: Iterable[str] = ()) -> list[str] | None:
+    """The paths among ``files`` git does not track in ``root`` and the user did not name
+    (``cluster.ship_untracked`` patterns); None when ``root`` is not a git checkout."""
+    import fnmatch
+    import subprocess
+
+    if not (root / ".git").exists():
+        return None
+    try:
+        out = subprocess.run(["git", "ls-files", "-z", "--cached"], cwd=root, capture_output=True, timeout=30,
+                             check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    tracked = {p for p in out.decode("utf-8", "replace").split("\0") if p}
+    named = list(named)
+    return sorted(f for f in files if f not in tracked and not any(fnmatch.fnmatchcase(f, p) for p in named))
+
+
 def _source_files(pkg: Path) -> set[str]:
     return {p.relative_to(pkg).as_posix() for p in pkg.rglob("*.py") if "__pycache__" not in p.parts}
 
 
-def code_runtime_env(excludes: list[str], checkout: Path | None, max_bytes: int = MAX_UPLOAD_BYTES
-                     ) -> tuple[dict[str, Any], list[Upload]]:
+def code_runtime_env(excludes: list[str], checkout: Path | None, max_bytes: int = MAX_UPLOAD_BYTES,
+                     ship_untracked: Iterable[str] = ()) -> tuple[dict[str, Any], list[Upload]]:
     """``working_dir`` / ``py_modules`` / ``excludes`` for shipping the code, after checking what
-    would be uploaded: every ``.py`` of ``tvr`` and ``tvr_platform`` present, the total under
-    ``max_bytes``."""
+    would be uploaded: only files git tracks (+ the ``ship_untracked`` patterns the user names) in
+    a git checkout, ``.gitignore`` respected, no credential file (:func:`secret_files`: refused),
+    every ``.py`` of ``tvr`` and ``tvr_platform`` present, the total under ``max_bytes``."""
     import tvr
     import tvr_platform
 
@@ -254,12 +295,24 @@ def code_runtime_env(excludes: list[str], checkout: Path | None, max_bytes: int 
         platform_pkg = checkout / "platform" / "tvr_platform"
         env: dict[str, Any] = {"working_dir": str(checkout), "py_modules": [str(platform_pkg)], "excludes": excludes}
         uploads = [plan_upload(checkout, excludes), plan_upload(platform_pkg, excludes)]
+        shipped = uploads[0].files + [f"platform/tvr_platform/{f}" for f in uploads[1].files]
+        extra = untracked_files(checkout, shipped, ship_untracked)
+        if extra:  # not tracked by git and not named: left out (a stray .env, a scratch file)
+            excludes = [*excludes, *(f"/{f}" for f in extra)]
+            env["excludes"] = excludes
+            uploads = [plan_upload(checkout, excludes), plan_upload(platform_pkg, excludes)]
+            log.info("left %d untracked file(s) out of the code package: %s", len(extra), ", ".join(extra[:10]))
         required = [(uploads[0], "tvr/", checkout / "tvr"), (uploads[1], "", platform_pkg)]
     else:
         pkgs = [Path(tvr.__file__).parent, Path(tvr_platform.__file__).parent]
         env = {"py_modules": [str(p) for p in pkgs], "excludes": excludes}
         uploads = [plan_upload(p, excludes) for p in pkgs]
         required = [(u, "", p) for u, p in zip(uploads, pkgs)]
+    leaked = secret_files(f for u in uploads for f in u.files)
+    if leaked:
+        raise SubmitError(f"refusing to ship credential file(s) {', '.join(leaked[:8])} with the job code; "
+                          "remove them from the checkout or add them to .gitignore / cluster.excludes "
+                          "(credentials reach the cluster as IAM roles or Kubernetes Secrets)")
     for upload, prefix, pkg in required:
         missing = sorted(f"{prefix}{f}" for f in _source_files(pkg) if f"{prefix}{f}" not in set(upload.files))
         if missing:
@@ -431,7 +484,8 @@ def prepare(spec: str | os.PathLike, overrides: Iterable[str] = (), *, command: 
         env_vars["TVR_SUBMITTED_BY"] = _user()
     uploads: list[Upload] = []
     if job.cluster.ship_code:
-        code_env, uploads = code_runtime_env([*DEFAULT_EXCLUDES, *job.cluster.excludes], root, max_upload_bytes)
+        code_env, uploads = code_runtime_env([*DEFAULT_EXCLUDES, *job.cluster.excludes], root, max_upload_bytes,
+                                             ship_untracked=job.cluster.ship_untracked)
         runtime_env.update(code_env)
     metadata = {"tvr_spec": Path(spec).name, "tvr_run": job.run.name, "tvr_method": job.model.method,
                 "tvr_command": command, "tvr_git_revision": revision,
