@@ -180,7 +180,7 @@ def test_rayjob_template_cleans_up_keeps_logs_and_ships_a_valid_spec(tmp_path):
         assert "/tmp/ray" in mounts, group
     ((_, fluent),) = [(p, d) for p, d in by_kind("ConfigMap") if d["metadata"]["name"] == "fluent-bit-ray-logs"]
     conf = fluent["data"]["fluent-bit.conf"]
-    assert "/tmp/ray/session_latest/logs/*" in conf and re.search(r"Name\s+s3", conf)
+    assert "/tmp/ray/session_latest/logs/job-driver-*.log" in conf and re.search(r"Name\s+s3", conf)
 
     env = yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"]
     shipped = tmp_path / env["TVR_JOB_SPEC_NAME"]
@@ -532,3 +532,87 @@ def test_terraform_validate(tmp_path):
     assert init.returncode == 0, init.stdout + init.stderr
     out = _terraform("validate", "-no-color", cwd=work)
     assert out.returncode == 0 and "Success" in out.stdout, out.stdout + out.stderr
+
+
+# -- security: authenticated MLflow, network allow-lists, non-root pods, no secret on a command line --
+
+def _containers(doc: dict) -> list[tuple[dict, dict]]:
+    """(pod spec, container) of every pod template in a Deployment / StatefulSet / RayCluster / RayJob."""
+    out = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            if "containers" in node and isinstance(node["containers"], list):
+                out.extend((node, c) for c in node["containers"])
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(doc.get("spec", {}))
+    return out
+
+
+def test_mlflow_requires_login_and_keeps_passwords_off_the_command_line():
+    ((_, deploy),) = [(p, d) for p, d in by_kind("Deployment") if d["metadata"]["name"] == "mlflow"]
+    ((_, c),) = _containers(deploy)
+    argv = [*c["command"], *c["args"]]
+    assert "--app-name=basic-auth" in argv
+    assert not any("PASSWORD" in a or "$(DB_" in a or "backend-store-uri" in a for a in argv), argv
+    env = {e["name"]: e for e in c["env"]}
+    for key in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD", "DB_PASSWORD"):
+        assert "secretKeyRef" in env[key]["valueFrom"], key
+    assert env["MLFLOW_AUTH_CONFIG_PATH"]["value"].startswith("/etc/mlflow-auth/")
+    for _, d in by_kind("StatefulSet"):
+        for _, pc in _containers(d):
+            assert not any("PASSWORD" in str(a) for a in [*pc.get("command", []), *pc.get("args", [])])
+    # Ray pods log in to MLflow with a Secret, not anonymously
+    for kind in ("RayCluster", "RayJob"):
+        for _, d in by_kind(kind):
+            for _, rc in _containers(d):
+                if rc["name"].startswith("ray"):
+                    refs = {e.get("secretRef", {}).get("name") for e in rc.get("envFrom", [])}
+                    assert "tvr-mlflow-client" in refs, (kind, rc["name"])
+
+
+def test_network_policies_allow_only_ray_and_ingress_to_mlflow_and_only_the_head_to_the_dashboard():
+    pols = {d["metadata"]["name"]: d["spec"] for _, d in by_kind("NetworkPolicy")}
+    mlflow = pols["mlflow-ingress"]
+    assert mlflow["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "mlflow"}
+    (rule,) = mlflow["ingress"]
+    assert [p["port"] for p in rule["ports"]] == [5000] and len(rule["from"]) == 2
+    pg = pols["mlflow-postgres-ingress"]
+    assert pg["ingress"][0]["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "mlflow"}}}]
+    head = pols["ray-head-ingress"]
+    assert head["podSelector"]["matchLabels"] == {"ray.io/node-type": "head"}
+    for rule in head["ingress"]:
+        sources = [f["podSelector"]["matchLabels"] for f in rule["from"]]
+        if sources != [{"ray.io/node-type": "head"}]:          # anyone but the head: never port 8265
+            assert "ports" in rule
+            assert not any(p["port"] <= 8265 <= p.get("endPort", p["port"]) for p in rule["ports"]), rule
+
+
+def test_pods_run_non_root_without_privilege_escalation():
+    for kind in ("Deployment", "StatefulSet", "RayCluster", "RayJob"):
+        for path, d in by_kind(kind):
+            for pod, c in _containers(d):
+                if c["name"] == "fluent-bit" or kind == "RayJob" and c["name"] not in ("ray-head", "ray-worker"):
+                    continue
+                sc, psc = c.get("securityContext", {}), pod.get("securityContext", {})
+                where = f"{path.name}:{d['metadata']['name']}:{c['name']}"
+                assert sc.get("allowPrivilegeEscalation") is False, where
+                assert sc.get("runAsNonRoot") or psc.get("runAsNonRoot"), where
+                assert "ALL" in sc.get("capabilities", {}).get("drop", []), where
+                if kind in ("Deployment", "StatefulSet") and d["metadata"]["name"].startswith("mlflow"):
+                    assert sc.get("readOnlyRootFilesystem") is True, where
+
+
+def test_log_shipping_never_uploads_the_runtime_env_logs():
+    """runtime_env / dashboard / job supervisor logs echo TVR_JOB_SPEC: they are not shipped to S3."""
+    ((_, fluent),) = [(p, d) for p, d in by_kind("ConfigMap") if d["metadata"]["name"] == "fluent-bit-ray-logs"]
+    conf = fluent["data"]["fluent-bit.conf"]
+    (paths,) = re.findall(r"^\s*Path\s+(\S+)", conf, re.M)
+    assert all(not p.endswith("/*") for p in paths.split(",")), paths
+    assert all(any(p.rsplit("/", 1)[1].startswith(k) for k in ("job-driver-", "worker-")) for p in paths.split(","))
+    assert "runtime_env" in conf.split("Exclude_Path", 1)[1].splitlines()[0]
