@@ -274,12 +274,12 @@ def test_rate_limit_spaces_request_starts(server, sleeps):
 
 
 def test_timeouts_are_retried(server, sleeps):
-    server.script = [(*ok('["too late"]'), 1.5), ok('["in time", "also in time"]')]
-    c = ChatClient(base_url=server.url, model="m", api_key_env="TVR_TEST_LLM_KEY", timeout=0.3, max_retries=2,
+    server.script = [(*ok('["too late"]'), 2.5), ok('["in time", "also in time"]')]
+    c = ChatClient(base_url=server.url, model="m", api_key_env="TVR_TEST_LLM_KEY", timeout=1.0, max_retries=3,
                    backoff_base=0.5, sleep=sleeps.append)
     out = OpenAICaptioner(c, mean=MEAN, std=STD).caption(frames(b=1), "p", 2)
-    assert out == [["in time", "also in time"]]
-    assert c.usage.retries == 1 and len(sleeps) == 1 and len(server.requests) == 2
+    assert out == [["in time", "also in time"]]                          # the slow answer was never read
+    assert c.usage.retries >= 1 and len(sleeps) == c.usage.retries and c.usage.failed == 0
 
 
 def test_progress_reports_done_spend_and_eta():
