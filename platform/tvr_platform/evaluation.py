@@ -40,6 +40,33 @@ def _to_cpu_float(feats: Features) -> Features:
     return {k: (v.float() if v.is_floating_point() else v).cpu() for k, v in feats.items()}
 
 
+def eval_device(use_gpu: bool = True) -> torch.device:
+    """Where ``tvr eval`` embeds and scores: the first visible CUDA device, else the CPU."""
+    return torch.device("cuda", 0) if use_gpu and torch.cuda.is_available() else torch.device("cpu")
+
+
+def pair_bytes(text: Features, video: Features) -> int:
+    """A bound on the working memory of one (text, video) pair in ``similarity``: float32 copies of
+    the larger per-item feature set (X-Pool / T-MASS pool a video's T x D frames per text; UCoFIA
+    scores patch x word grids of that size), times 4 for intermediates."""
+    def per_item(f: Features) -> int:
+        return max(v[0].numel() for v in f.values()) if f else 1
+    return 4 * 4 * max(per_item(text), per_item(video))
+
+
+def score_block(requested: int, device: torch.device, text: Features, video: Features,
+                free_bytes: int | None = None, share: float = 0.5) -> int:
+    """Tile side for scoring: ``requested`` on CPU (unchanged); on CUDA the largest multiple of 128
+    (at most 8192, at least 128) whose tile's working set ``b^2 * pair_bytes`` fits ``share`` of
+    the device's free memory (``torch.cuda.mem_get_info`` unless ``free_bytes`` is given)."""
+    if device.type != "cuda":
+        return requested
+    if free_bytes is None:
+        free_bytes = torch.cuda.mem_get_info(device)[0]
+    side = int((share * free_bytes / pair_bytes(text, video)) ** 0.5) // 128 * 128
+    return max(128, min(8192, side))
+
+
 @torch.no_grad()
 def embed_texts(model: ModelCall, texts: Tensor, batch_size: int, device: torch.device | str) -> Features:
     """texts (N, L) -> features on CPU, float32."""

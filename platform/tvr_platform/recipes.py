@@ -161,18 +161,22 @@ def load_eval_target(target: str, overrides: list[str], tracking_uri: str | None
 def embed_split(job: JobCfg, method: torch.nn.Module, split: str):
     """Embed every video (Ray Data decoding) and caption of ``split`` -> (text, video, caption_video)."""
     from tvr_platform.data.pipeline import load_manifest, tokenize_captions, video_dataset
-    from tvr_platform.evaluation import embed_texts, embed_videos, order_by_index
+    from tvr_platform.evaluation import embed_texts, embed_videos, eval_device, order_by_index
     from tvr_platform.train.step import RetrievalStep
     from tvr_platform.train.trainer import init_ray
 
-    model = RetrievalStep(method, gather=lambda x: x)
+    device = eval_device()                                   # a GPU of this host when there is one
+    model = RetrievalStep(method, gather=lambda x: x).to(device)
     manifest = load_manifest(job, split)
     init_ray(job)
-    video, index = embed_videos(model, video_dataset(job, manifest).iter_torch_batches(
-        batch_size=job.data.eval_batch_size), "cpu")
-    video = order_by_index(video, index, len(manifest.video_ids))
-    texts, caption_video = tokenize_captions(job, manifest)
-    text = embed_texts(model, texts, job.data.eval_batch_size, "cpu")
+    try:
+        video, index = embed_videos(model, video_dataset(job, manifest).iter_torch_batches(
+            batch_size=job.data.eval_batch_size), device)
+        video = order_by_index(video, index, len(manifest.video_ids))
+        texts, caption_video = tokenize_captions(job, manifest)
+        text = embed_texts(model, texts, job.data.eval_batch_size, device)
+    finally:
+        method.cpu()                                         # features come back on CPU, so does the model
     return text, video, caption_video
 
 
@@ -227,9 +231,16 @@ def eval_report(job: JobCfg, method: torch.nn.Module, text, video, caption_video
 
     iters = getattr(job.method_cfg, "sinkhorn_iters", job.eval.sinkhorn_iters or None) if own_sinkhorn(method) \
         else job.eval.sinkhorn_iters
-    _, ranks = evaluate_method(method, text, video, caption_video, block=job.eval.block_size,
-                               dsl=job.eval.dsl, sinkhorn_iters=iters, v2t_rank=job.eval.v2t_rank,
-                               dsl_v2t=job.eval.dsl_v2t, bank_text=bank_text)
+    from tvr_platform.evaluation import eval_device, score_block
+
+    device = eval_device()                                   # tiles scored on a GPU when there is one
+    try:
+        _, ranks = evaluate_method(method.to(device), text, video, caption_video,
+                                   block=score_block(job.eval.block_size, device, text, video),
+                                   dsl=job.eval.dsl, sinkhorn_iters=iters, v2t_rank=job.eval.v2t_rank,
+                                   dsl_v2t=job.eval.dsl_v2t, bank_text=bank_text, device=device)
+    finally:
+        method.cpu()
     sim = sample_similarity(pair_scorer(method, text, video), caption_video, sample)
     try:
         gap = modality_gap(*global_embeddings(text, video), seed=job.run.seed)

@@ -20,8 +20,10 @@ from tvr_platform.evaluation import evaluate, own_sinkhorn
 @torch.no_grad()
 def evaluate_method(method: torch.nn.Module, text: Features, video: Features, text_to_video: Tensor, *,
                     block: int, dsl: bool, sinkhorn_iters: int | None = None, v2t_rank: str = "videos",
-                    dsl_v2t: str = "texts", bank_text: Features | None = None) -> tuple[dict[str, float], Ranks]:
-    """Metrics and ranks of ``method`` on embedded texts x videos (CPU).
+                    dsl_v2t: str = "texts", bank_text: Features | None = None,
+                    device: torch.device | str = "cpu") -> tuple[dict[str, float], Ranks]:
+    """Metrics and ranks of ``method`` on embedded texts x videos (features on CPU, tiles scored
+    on ``device``, where ``method`` must be).
 
     ``sinkhorn_iters``: the SK this method takes: for a method with its own (UCoFIA) its
     per-granularity SK iterations (None = its config's), else the generic SK of the final matrix
@@ -37,7 +39,7 @@ def evaluate_method(method: torch.nn.Module, text: Features, video: Features, te
     return evaluate(model, text, video, text_to_video, block=block, dsl=dsl,
                     sinkhorn_iters=0 if own else int(sinkhorn_iters or 0),
                     own_iters=None if not own or sinkhorn_iters is None else int(sinkhorn_iters), v2t_rank=v2t_rank, dsl_v2t=dsl_v2t,
-                    bank_text=bank_text)
+                    bank_text=bank_text, device=device)
 
 
 def pair_scorer(method: torch.nn.Module, text: Features, video: Features) -> Callable[[Tensor, Tensor], Tensor]:

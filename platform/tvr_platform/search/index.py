@@ -72,6 +72,13 @@ def pin_model_version(model_uri: str, tracking_uri: str) -> str:
     return f"models:/{name}/{MlflowClient(tracking_uri).get_model_version_by_alias(name, alias).version}"
 
 
+def embed_gpus(job) -> int:
+    """GPUs per embedding actor: 1 when the job asks for GPUs or the Ray cluster has any, else 0."""
+    import ray
+
+    return 1 if job.train.use_gpu or ray.cluster_resources().get("GPU", 0) >= 1 else 0
+
+
 class EmbedClips:
     """Ray Data callable class: ``frames`` (B, T, 3, S, S) -> the method's video features, one
     column ``feat.<key>`` per feature tensor (first dim B)."""
@@ -87,11 +94,16 @@ class EmbedClips:
             (Path(tmp) / "job.yaml").write_bytes(job_yaml)
             (Path(tmp) / "weights.pt").write_bytes(weights)
             _, self.method = build_from_artifacts(Path(tmp) / "job.yaml", Path(tmp) / "weights.pt")
+        import ray
+
+        # A GPU actor (num_gpus=1) embeds on its GPU; a CPU actor where it runs.
+        self.device = torch.device("cuda", 0) if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
+        self.method.to(self.device)
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        frames = torch.from_numpy(np.ascontiguousarray(batch["frames"]))
-        feats = self.method.encode_video(frames)
+        frames = torch.from_numpy(np.ascontiguousarray(batch["frames"])).to(self.device)
+        feats = {k: v.cpu() for k, v in self.method.encode_video(frames).items()}
         out = {"video_id": batch["video_id"]}
         out.update({f"feat.{k}": (v.float() if v.is_floating_point() else v).numpy() for k, v in feats.items()})
         return out
@@ -179,7 +191,7 @@ def build_index(model_uri: str, videos_uri: str, *, overrides: list[str] | None 
     ds = ds.map_batches(EmbedClips, fn_constructor_kwargs={
         "job_yaml": job_file.read_bytes(), "weights": weights_file.read_bytes()},
         batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=concurrency),
-        num_cpus=job.train.cpus_per_worker, num_gpus=1 if job.train.use_gpu else 0)
+        num_cpus=job.train.cpus_per_worker, num_gpus=embed_gpus(job))
     from tqdm import tqdm
 
     written = 0
