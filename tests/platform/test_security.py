@@ -419,3 +419,34 @@ def test_duplicate_video_ids_are_reported_not_merged_silently():
     assert [r for r in m.quarantine if r.get("action") == "merged"] == [
         {"uri": "train_list.txt#a", "action": "merged",
          "reason": "duplicate video id in the listing: its entries are merged into one video"}]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_planted_secret_reaches_no_log_no_mlflow_and_no_artifact(tmp_path, capfd, monkeypatch):
+    """A real (tiny, 2-worker) training run with credentials planted in storage.endpoint_url's
+    userinfo and in a secret-looking environment variable: after it, the secret is nowhere in the
+    MLflow DB, the artifacts, the run storage, Ray's session logs or the process's output."""
+    import ray
+
+    from tiny import tiny_overrides
+    from tvr_platform.config import load_job
+    from tvr_platform.recipes import ensure_synthetic
+    from tvr_platform.redaction import redacted_output
+    from tvr_platform.train.trainer import run_training
+
+    monkeypatch.setenv("TVR_TEST_SECRET_KEY", PLANTED)
+    job = load_job(None, tiny_overrides(tmp_path, **{
+        "train.epochs": 1, "run.name": "leak", "storage.endpoint_url": f"http://user:{PLANTED}@minio.example:9000"}))
+    ensure_synthetic(job)
+    with redacted_output():
+        result = run_training(job)
+        result.tracker.terminate()
+    assert result.weights_path is not None
+    out = capfd.readouterr()
+    assert PLANTED not in out.out + out.err
+    hits = [str(p) for p in tmp_path.rglob("*") if p.is_file() and PLANTED.encode() in p.read_bytes()]
+    assert hits == [], hits            # MLflow DB, mlartifacts, run storage, exports, quarantine
+    session = Path(ray._private.worker._global_node.get_session_dir_path())
+    leaked = [str(p) for p in (session / "logs").rglob("*") if p.is_file() and PLANTED.encode() in p.read_bytes()]
+    assert leaked == [], leaked
