@@ -203,3 +203,38 @@ def test_index_round_trip_finds_the_captioned_clip(tmp_path, capsys):
     assert main(["eval", model, *wd, "--split", "test"]) == 0
     second = [x for x in capsys.readouterr().out.splitlines() if x.startswith("[tvr] report:")][0].split()[2]
     assert second != report_line.split()[2] and Path(report_line.split()[2]).exists()
+
+
+def test_top_k_equals_the_stable_full_sort_with_ties():
+    g = torch.Generator().manual_seed(0)
+    for n, k in ((50, 7), (50, 50), (9, 3), (1, 1)):
+        s = torch.randint(0, 4, (n,), generator=g).float()                  # many ties
+        from tvr_platform.search.first_stage import topk_stable
+
+        vals, rows = topk_stable(s, k)
+        ref = torch.sort(-s, stable=True).indices[:k]
+        assert torch.equal(rows, ref) and torch.equal(vals, s[ref])
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+def test_faiss_first_stage_against_exact_cosines(kind):
+    from tvr_platform.search.first_stage import FirstStage
+
+    g = torch.Generator().manual_seed(2)
+    x, q = torch.randn(3000, 16, generator=g) * 3, torch.randn(6, 16, generator=g)
+    exact = FirstStage(x, kind="torch")
+    s_ref, r_ref = exact.search(q, 10)
+    ref = torch.nn.functional.normalize(q.double(), dim=-1) @ torch.nn.functional.normalize(x.double(), dim=-1).t()
+    assert torch.equal(r_ref, torch.sort(-ref, dim=1, stable=True).indices[:, :10])
+    stage = FirstStage(x, kind=kind, nprobe=10_000 if kind == "ivf" else 32)   # IVF visiting every list: exact
+    s, r = stage.search(q, 10)
+    assert s.shape == r.shape == (6, 10) and stage.kind == kind
+    if kind == "hnsw":
+        assert topk_overlap(r_ref, r) >= 0.9
+    else:
+        assert torch.equal(r, r_ref)
+    torch.testing.assert_close(s.double(), ref.gather(1, r), rtol=0, atol=1e-6)
+    ivf = FirstStage(x, kind="auto", ivf_from=1000, nprobe=1)                # auto: IVF above the threshold
+    assert ivf.kind == "ivf" and (ivf.search(q, 3000)[1] >= 0).all()        # short lists widened, no -1 rows
+    with pytest.raises(ValueError, match="kind must be one of"):
+        FirstStage(x, kind="annoy")

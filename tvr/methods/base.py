@@ -17,6 +17,10 @@ the platform calls it once per evaluation and once per search index (:func:`prep
 Every prepared tensor shares the first dimension N_v, and ``similarity`` gives the same scores with
 or without them.
 
+A method whose ``similarity`` is exactly the cosine of one global text and one global video
+embedding sets the class attribute ``global_cosine = True`` (meanP); search then answers it from a
+nearest-neighbour index.
+
 Every output is a flat ``dict[str, Tensor]`` whose tensors share their first dimension with the
 batch, so the platform can gather them across workers, slice them into evaluation blocks and
 concatenate them without knowing the method.

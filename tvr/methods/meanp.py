@@ -33,6 +33,10 @@ class MeanPCfg:
 
 
 class MeanP(nn.Module):
+    global_cosine = True
+    """``similarity`` is the cosine of one global text and one global video embedding, so a search
+    index may answer it with a nearest-neighbour index over the unit video embeddings."""
+
     def __init__(self, cfg: MeanPCfg, backbone: ClipBackbone):
         super().__init__()
         self.cfg = cfg

@@ -11,8 +11,12 @@
   reranks only those. For UCoFIA (patch-word alignment, ISA) this is what makes a large index
   searchable; with ``candidates >= len(index)`` it returns exactly the exhaustive ranking.
 
-Ties are broken by index order (``torch.sort(stable=True)`` on the negated scores), in both
-stages, so exhaustive and two-stage agree whenever the first stage keeps every clip.
+The first stage (meanP's whole search: its similarity is that cosine, ``global_cosine = True``, so
+the first stage's best k + 32 rescored by meanP itself are its exhaustive top k; the coarse stage
+of two-stage search) is a FAISS index built once per index
+(:mod:`~tvr_platform.search.first_stage`: exact flat, IVF from 1M clips). Ties are broken by index
+order (``topk_stable``: ``torch.topk`` then a stable sort of the entries at or above the k-th value),
+so exhaustive and two-stage agree whenever the first stage keeps every clip.
 """
 
 from __future__ import annotations
@@ -24,8 +28,11 @@ from torch import Tensor
 
 from tvr.methods.base import Features, prepare_video
 from tvr_platform.report.core import global_text_embedding, global_video_embedding
+from tvr_platform.search.first_stage import FirstStage, topk_stable
 from tvr_platform.search.index import VideoIndex
 
+TIE_MARGIN = 32
+"""Extra first-stage clips rescored by a ``global_cosine`` method's own similarity in exhaustive search."""
 PREPARE_BYTES = 8 * 2**30
 """Largest size of the prepared per-clip tensors (``prepare_video``) a Searcher keeps for its index."""
 
@@ -37,23 +44,25 @@ class SearchHit:
     score: float
 
 
-def _top(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Top k by score, ties -> lower index first. scores (N,) -> (values (k,), indices (k,))."""
-    order = torch.sort(-scores, stable=True).indices[:k]
-    return scores[order], order
-
-
 class Searcher:
     """Search one index with the model that built it."""
 
     def __init__(self, method: torch.nn.Module, index: VideoIndex, *, chunk: int = 4096,
-                 prepare_bytes: int = PREPARE_BYTES):
+                 prepare_bytes: int = PREPARE_BYTES, first_stage: str = "auto"):
         self.method = method.eval()
         self.index = index
         self.chunk = chunk
         self.prepare_bytes = prepare_bytes
+        self.first_stage_kind = first_stage
         self._coarse_video: Tensor | None = None
         self._video: Features | None = None
+        self._first: FirstStage | None = None
+
+    def first_stage(self) -> FirstStage:
+        """The FAISS index of the clips' unit global embeddings, built once per index."""
+        if self._first is None:
+            self._first = FirstStage(global_video_embedding(self.index.features), kind=self.first_stage_kind)
+        return self._first
 
     # -- features ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -114,19 +123,22 @@ class Searcher:
             raise ValueError(f"search: top_k must be >= 1, got {top_k}")
         k = min(top_k, len(self.index))
         n_q = next(iter(text.values())).shape[0]
+        if candidates is None and getattr(self.method, "global_cosine", False):
+            # similarity = cosine of global embeddings: the first stage's best k + TIE_MARGIN clips,
+            # rescored by the method itself, so scores and tie order are exactly the exhaustive ones
+            candidates = k + TIE_MARGIN
         if candidates is None:
             full = self.full_scores(text)                                            # (Q, N)
-            tops = [_top(full[q], k) for q in range(n_q)]
+            tops = [topk_stable(full[q], k) for q in range(n_q)]
         else:
             if candidates < k:
                 raise ValueError(f"search: candidates ({candidates}) must be >= top_k ({top_k})")
-            coarse = self.coarse_scores(text)                                        # (Q, N)
+            _, coarse = self.first_stage().search(global_text_embedding(text), candidates)   # (Q, C)
             tops = []
             for q in range(n_q):
-                _, cand = _top(coarse[q], min(candidates, len(self.index)))
-                cand = cand.sort().values                     # index order: ties resolve as exhaustive
+                cand = coarse[q].sort().values                # index order: ties resolve as exhaustive
                 tq = {key: v[q:q + 1] for key, v in text.items()}
-                s, local = _top(self.full_scores(tq, cand)[0], k)
+                s, local = topk_stable(self.full_scores(tq, cand)[0], k)
                 tops.append((s, cand[local]))
         return torch.stack([t[0] for t in tops]), torch.stack([t[1] for t in tops])
 
