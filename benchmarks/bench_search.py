@@ -17,7 +17,8 @@ tokenisation + text encoding + scoring + top-k) over ``--queries`` queries after
 - index: the bytes of the stored features;
 - variant "before": the earlier exhaustive path (the method's similarity over every chunk, the
   frames' keys / values and meanP's normalisation recomputed per query, a full sort); "after":
-  ``Searcher.search`` (prepared frame tensors, meanP from the FAISS first stage, ``topk``);
+  ``Searcher.search`` (prepared frame tensors, ``topk``; meanP from the FAISS first stage via
+  ``global_first_stage=True``);
 - two-stage rows keep ``--candidates`` clips from the coarse stage (cosine of global embeddings)
   and rerank them with the method's similarity; "top-10 kept" is the fraction of the exhaustive
   top 10 that the two-stage search returns. On random features it is a pessimistic floor (the
@@ -80,7 +81,7 @@ def _run_one(method_name: str, n: int, candidates: int | None, variant: str, arg
             full = searcher.full_scores(searcher.encode_queries([q]))
             torch.sort(-full[0], stable=True)
     else:
-        searcher = Searcher(method, index, chunk=args.chunk)
+        searcher = Searcher(method, index, chunk=args.chunk, global_first_stage=True)
 
         def search(q: str) -> None:
             searcher.search(q, 10, candidates)

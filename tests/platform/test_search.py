@@ -238,3 +238,13 @@ def test_faiss_first_stage_against_exact_cosines(kind):
     assert ivf.kind == "ivf" and (ivf.search(q, 3000)[1] >= 0).all()        # short lists widened, no -1 rows
     with pytest.raises(ValueError, match="kind must be one of"):
         FirstStage(x, kind="annoy")
+
+
+def test_meanp_from_the_first_stage_equals_exhaustive():
+    method = tiny_method("meanp")
+    index = random_index(method, 40)
+    text = Searcher(method, index).encode_queries(QUERIES)
+    s_ex, r_ex = Searcher(method, index).search_features(text, top_k=5)
+    s_fs, r_fs = Searcher(method, index, global_first_stage=True).search_features(text, top_k=5)
+    assert torch.equal(r_ex, r_fs)
+    torch.testing.assert_close(s_ex, s_fs, rtol=0, atol=1e-6)

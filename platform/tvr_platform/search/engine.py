@@ -48,12 +48,13 @@ class Searcher:
     """Search one index with the model that built it."""
 
     def __init__(self, method: torch.nn.Module, index: VideoIndex, *, chunk: int = 4096,
-                 prepare_bytes: int = PREPARE_BYTES, first_stage: str = "auto"):
+                 prepare_bytes: int = PREPARE_BYTES, first_stage: str = "auto", global_first_stage: bool = False):
         self.method = method.eval()
         self.index = index
         self.chunk = chunk
         self.prepare_bytes = prepare_bytes
         self.first_stage_kind = first_stage
+        self.global_first_stage = global_first_stage
         self._coarse_video: Tensor | None = None
         self._video: Features | None = None
         self._first: FirstStage | None = None
@@ -123,9 +124,9 @@ class Searcher:
             raise ValueError(f"search: top_k must be >= 1, got {top_k}")
         k = min(top_k, len(self.index))
         n_q = next(iter(text.values())).shape[0]
-        if candidates is None and getattr(self.method, "global_cosine", False):
+        if candidates is None and self.global_first_stage and getattr(self.method, "global_cosine", False):
             # similarity = cosine of global embeddings: the first stage's best k + TIE_MARGIN clips,
-            # rescored by the method itself, so scores and tie order are exactly the exhaustive ones
+            # rescored by the method itself (opt-in: global_first_stage=True)
             candidates = k + TIE_MARGIN
         if candidates is None:
             full = self.full_scores(text)                                            # (Q, N)
