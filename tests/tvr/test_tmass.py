@@ -153,6 +153,33 @@ def test_loss_terms_match_reference(backbone_state, variant, support_video):
     assert out["radius_mean"].item() == pytest.approx(sum(map(sum, R)) / (B * D), rel=1e-10)
 
 
+def test_loss_ablation_ce_plus_s_matches_reference(backbone_state):
+    """loss="ce_s" (paper Table 6a, L_ce + L_s): the mean text's X-Pool CE plus the stochastic CE, no support term."""
+    torch.manual_seed(12)
+    m = make_method(backbone_state, num_frames=3, loss="ce_s", support_weight=0.8).double().eval()
+    randomize_head(m, seed=12)
+    with torch.no_grad():
+        m.backbone.logit_scale.fill_(math.log(10.0))
+    B, T = 3, 3
+    t = torch.randn(B, D, dtype=torch.float64)
+    f = torch.randn(B, T, D, dtype=torch.float64)
+    eps = torch.rand(B, D, dtype=torch.float64)
+    m._prior_like = lambda shape, generator=None, device=None: eps.clone()
+    out = m.loss({"text": t}, {"frames": f})
+    pooled, tl = m.pool(t, f).tolist(), t.tolist()
+    R = [radius_ref(m, [cos_ref(tl[i], f[i, k].tolist()) for k in range(T)]) for i in range(B)]
+    t_s = [[tl[i][d] + eps[i, d].item() * R[i][d] for d in range(D)] for i in range(B)]
+    L_s = sym_ce_ref([[cos_ref(t_s[i], pooled[i][j]) for j in range(B)] for i in range(B)], 10.0)
+    L_ce = sym_ce_ref([[cos_ref(tl[i], pooled[i][j]) for j in range(B)] for i in range(B)], 10.0)
+    assert set(out) == {"loss", "loss_ce", "loss_stochastic", "radius_mean"}
+    assert out["loss_ce"].item() == pytest.approx(L_ce, rel=1e-10)
+    assert out["loss_stochastic"].item() == pytest.approx(L_s, rel=1e-10)
+    assert out["loss"].item() == pytest.approx(L_ce + L_s, rel=1e-10)
+    assert TMassCfg().loss == "s_sup"
+    with pytest.raises(ValueError, match=r"loss='ce'.*'s_sup', 'ce_s'"):
+        TMassCfg(loss="ce")
+
+
 def test_loss_uses_configured_prior_and_trains_radius(backbone_state):
     m = make_method(backbone_state, num_frames=3)
     u = m._prior_like((4000, 8))
@@ -205,6 +232,48 @@ def test_similarity_is_max_over_samples(backbone_state, variant, prior, keep_mea
     m32 = m.float()
     S32 = m32.similarity({"text": t.float(), "key": keys}, {"frames": f.float()})
     torch.testing.assert_close(S32.double(), S, rtol=0, atol=2e-5)
+
+
+def official_leaky_similarity(m: TMass, t, keys, f):
+    """The official ``_valid_epoch_step`` + ``sim_matrix_inference_stochastic`` score, one caption per
+    video (caption j describes video j), float64: t_s* is chosen against v_{j|q}, but the score takes
+    video j pooled with its *own* caption t_j: s(q, j) = cos(t_s*(q | j), v_{j|t_j})."""
+    eps = m.eval_noise(keys).double().tolist()
+    pooled = m.pool(t, f).tolist()                                        # [q][j] = v_{j|q}
+    tl, T, N = t.tolist(), f.shape[1], f.shape[0]
+    out = []
+    for q in range(len(tl)):
+        row = []
+        for j in range(N):
+            R = radius_ref(m, [cos_ref(tl[q], f[j, k].tolist()) for k in range(T)])
+            cands = [[tl[q][d] + e[d] * R[d] for d in range(D)] for e in eps[q]]
+            best = max(cands, key=lambda c: cos_ref(c, pooled[q][j]))
+            row.append(cos_ref(best, pooled[j][j]))                        # v_{j|t_j}: the leak
+        out.append(row)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def test_score_does_not_depend_on_the_candidate_videos_own_caption(backbone_state):
+    """tvr's s(i, j) is a function of text i and video j only: rewriting caption j (the ground truth of
+    video j) leaves s(i, j) unchanged for i != j. The official evaluation's score does change (it pools
+    video j with caption j); on the diagonal the two forms agree."""
+    torch.manual_seed(13)
+    m = make_method(backbone_state, num_frames=3, num_samples=4).double().eval()
+    randomize_head(m, seed=13)
+    N, j = 4, 2
+    t, keys, f = torch.randn(N, D, dtype=torch.float64), keys_for(1, 2, 3, 4), torch.randn(N, 3, D, dtype=torch.float64)
+    t2, keys2 = t.clone(), keys.clone()
+    t2[j], keys2[j] = torch.randn(D, dtype=torch.float64), keys_for(99)[0]  # caption j rewritten
+    with torch.no_grad():
+        S = m.similarity({"text": t, "key": keys}, {"frames": f})
+        S2 = m.similarity({"text": t2, "key": keys2}, {"frames": f})
+    others = [i for i in range(N) if i != j]
+    torch.testing.assert_close(S2[others], S[others], rtol=0, atol=0)    # column j included
+    torch.testing.assert_close(S, similarity_ref(m, t, keys, f, keep_mean=False), rtol=1e-10, atol=1e-10)
+    with torch.no_grad():
+        off, off2 = official_leaky_similarity(m, t, keys, f), official_leaky_similarity(m, t2, keys2, f)
+    torch.testing.assert_close(off.diagonal(), S.diagonal(), rtol=1e-10, atol=1e-10)
+    assert (off2[others, j] - off[others, j]).abs().min() > 1e-6         # the leak: s(i, j) moved with caption j
 
 
 def test_keep_mean_adds_the_mean_text_candidate(backbone_state):
