@@ -28,6 +28,9 @@ def test_every_variant_is_a_valid_job_with_the_shared_budget(variant, tmp_path):
     assert job.tracking.registered_model == "" and job.run.name.startswith("bench-")
     method = build_method(job.model.method, job.method_cfg, ClipBackbone(job.model.backbone))
     assert 0 < trainable_params(method) <= sum(p.numel() for p in method.parameters())
+    if job.model.method == "vop" or (job.model.method == "excae" and job.model.excae.base == "vop"):
+        # VoP trains its prompts on a frozen backbone (logit scale included), as in its paper
+        assert not any(p.requires_grad for p in method.backbone.parameters())
 
 
 def _row(label, seed, r1, wall, params=100, two=None):
