@@ -57,11 +57,13 @@ def s3_bucket(s3_server):
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray instance for the test session (2 CPUs, no dashboard)."""
+    """One local Ray instance for the test session (2 CPUs, no dashboard). Worker output reaches the
+    driver as it does for the CLI (``log_to_driver``): a later test of ``tvr quickstart`` in the same
+    process reads its per-epoch lines from there."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True,
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0",
                                            "DS_ACCELERATOR": "cpu"}})
     yield ray
