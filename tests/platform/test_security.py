@@ -263,6 +263,35 @@ def test_bad_values_are_one_line_naming_the_key(tmp_path, capsys, override, need
     assert len(err) == 1 and needle in err[0] and "Traceback" not in err[0], err
 
 
+def test_an_unwritable_work_dir_is_one_line_naming_the_path(tmp_path, capsys):
+    """(Root ignores file modes, so the unwritable place is a path under a regular file.)"""
+    from tvr_platform.cli import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert main(["train", "jobs/quickstart.yaml", f"run.work_dir={blocker / 'work'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(blocker) in err[0] and "Traceback" not in err[0], err
+
+
+def test_more_training_cpus_than_the_cluster_has_is_one_line_before_the_run(monkeypatch):
+    import ray
+
+    from tvr_platform.cli import user_error
+    from tvr_platform.config import load_job
+    from tvr_platform.train.trainer import check_cpu_budget
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    ok = load_job(None, ["train.num_workers=2", "train.cpus_per_worker=0.5"])
+    check_cpu_budget(ok)                                   # 1 of 2 CPUs left for decoding
+    for workers, cpus in ((3, 1.0), (2, 1.0)):
+        job = load_job(None, [f"train.num_workers={workers}", f"train.cpus_per_worker={cpus}"])
+        with pytest.raises(ValueError) as err:
+            check_cpu_budget(job)
+        line = user_error(err.value)
+        assert f"train.num_workers={workers}" in line and "of the cluster's 2 CPUs" in line and "\n" not in line
+
+
 def test_yaml_error_through_the_cli_names_line_and_column(tmp_path, capsys):
     from tvr_platform.cli import main
 
