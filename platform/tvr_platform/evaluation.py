@@ -78,14 +78,22 @@ def embed_texts(model: ModelCall, texts: Tensor, batch_size: int, device: torch.
 
 
 @torch.no_grad()
-def embed_videos(model: ModelCall, batches: Iterable[dict[str, Tensor]],
-                 device: torch.device | str) -> tuple[Features, Tensor]:
-    """Batches with 'frames' (B,T,3,H,W) and 'video_index' (B,) -> (features on CPU, video_index).
-    No batches (a shard with no video): ``({}, empty index)``, which :func:`concat_features` skips."""
+def embed_videos(model: ModelCall, batches: Iterable[dict[str, Tensor]], device: torch.device | str,
+                 norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> tuple[Features, Tensor]:
+    """Batches with 'frames' and 'video_index' (B,) -> (features on CPU, video_index).
+
+    'frames': the data path's uint8 (B,T,S,S,3) (+ 'valid'), normalised on ``device`` with
+    ``norm = (mean, std)`` (:func:`tvr_platform.data.pipeline.model_frames`), or float
+    (B,T,3,H,W) already normalised. No batches (a shard with no video): ``({}, empty index)``,
+    which :func:`concat_features` skips."""
+    from tvr_platform.data.pipeline import model_frames
+
     feats, index = [], []
     for batch in batches:
         captions = batch.get("aux_texts")
-        f = model(mode="video", frames=batch["frames"].to(device),
+        if norm is None and not batch["frames"].is_floating_point():
+            raise ValueError("embed_videos: uint8 frames need norm=(mean, std) (frame_norm(job))")
+        f = model(mode="video", frames=model_frames(batch, norm or ((), ()), device),
                   captions=None if captions is None else captions.to(device))
         feats.append(_to_cpu_float(f))
         index.append(batch["video_index"].long().cpu())

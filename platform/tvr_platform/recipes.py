@@ -160,7 +160,7 @@ def load_eval_target(target: str, overrides: list[str], tracking_uri: str | None
 
 def embed_split(job: JobCfg, method: torch.nn.Module, split: str):
     """Embed every video (Ray Data decoding) and caption of ``split`` -> (text, video, caption_video)."""
-    from tvr_platform.data.pipeline import load_manifest, tokenize_captions, video_dataset
+    from tvr_platform.data.pipeline import frame_norm, load_manifest, tokenize_captions, video_dataset
     from tvr_platform.evaluation import embed_texts, embed_videos, eval_device, order_by_index
     from tvr_platform.train.step import RetrievalStep
     from tvr_platform.train.trainer import init_ray
@@ -171,7 +171,7 @@ def embed_split(job: JobCfg, method: torch.nn.Module, split: str):
     init_ray(job)
     try:
         video, index = embed_videos(model, video_dataset(job, manifest).iter_torch_batches(
-            batch_size=job.data.eval_batch_size), device)
+            batch_size=job.data.eval_batch_size), device, frame_norm(job))
         video = order_by_index(video, index, len(manifest.video_ids))
         texts, caption_video = tokenize_captions(job, manifest)
         text = embed_texts(model, texts, job.data.eval_batch_size, device)

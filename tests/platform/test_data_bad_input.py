@@ -14,7 +14,7 @@ from tvr.data.frames import decode_frames, normalize
 from tvr.data.synthetic import encode_mp4, render_frames, sample_spec
 from tvr_platform.config import load_job
 from tvr_platform.data.decode import DecodeClips
-from tvr_platform.data.pipeline import load_manifest, quarantine_uri, write_quarantine
+from tvr_platform.data.pipeline import load_manifest, model_frames, quarantine_uri, write_quarantine
 from tvr_platform.storage import StorageError, open_storage
 
 T, S = 6, 16
@@ -63,8 +63,7 @@ FILES = ["good.mp4", "short.mp4", *BAD, "missing.mp4"]
 
 
 def _udf(videos, quarantine, *, train, raw=False):
-    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
-    return DecodeClips(videos=videos, num_frames=T, size=S, mean=mean, std=std, train=train, seed=0,
+    return DecodeClips(videos=videos, num_frames=T, size=S, train=train, seed=0,
                        split="train" if train else "test", quarantine=quarantine, raw=raw)
 
 
@@ -82,11 +81,15 @@ def test_each_bad_video_is_skipped_or_zeroed_counted_and_quarantined(tmp_path, v
     else:                                       # evaluation keeps every row, zero frames for the bad ones
         assert kept == list(range(len(FILES)))
         assert all(np.count_nonzero(out["frames"][i]) == 0 for i in range(2, len(FILES)))
-    assert out["frames"].shape == (len(kept), T, 3, S, S) and out["frames"].dtype == np.float32
+    # uint8 rows travel; the model's input (normalised on its device) is zeros for the bad ones
+    assert out["frames"].shape == (len(kept), T, S, S, 3) and out["frames"].dtype == np.uint8
+    assert out["valid"].tolist() == [True, True] + [False] * (len(kept) - 2)
+    x = model_frames(out, ((0.5,) * 3, (0.25,) * 3), "cpu").numpy()             # (B, T, 3, S, S)
     # the good clip is exactly the reference decode; the short one is padded with its last frame
     ref = decode_frames(videos.read_bytes("good.mp4"), T, size=S, mode="uniform")
     if not train:
-        np.testing.assert_allclose(out["frames"][0], normalize(ref.frames, (0.5,) * 3, (0.25,) * 3), atol=1e-6)
+        np.testing.assert_allclose(x[0], normalize(ref.frames, (0.5,) * 3, (0.25,) * 3), atol=1e-6)
+        assert all(np.count_nonzero(x[i]) == 0 for i in range(2, len(FILES)))
     short = out["frames"][1]
     assert all(np.array_equal(short[k], short[3]) for k in range(4, T)) and not np.array_equal(short[0], short[3])
 

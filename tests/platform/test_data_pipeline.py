@@ -14,6 +14,7 @@ from tvr_platform.config import load_job
 from tvr_platform.data.pipeline import (
     backbone_preprocess,
     load_manifest,
+    model_frames,
     pick_captions,
     read_quarantine,
     synth_dataset,
@@ -89,9 +90,14 @@ def test_manifest_tokens_and_synth_on_a_local_dir(tmp_path):
         load_manifest(_job(tmp_path, f"data.root={tmp_path / 'absent'}"), "train")
 
 
-def _rows(ds, batch_size=3):
+def _rows(ds, batch_size=3, norm=None):
+    """Rows of ``ds``; the shipped uint8 frames are turned into the model's input by model_frames
+    (the one normalisation every consumer uses) with ``norm``, default tvr-tiny's mean/std."""
+    norm = norm or backbone_preprocess("tvr-tiny")[1:]
     rows = []
     for b in ds.iter_torch_batches(batch_size=batch_size):
+        assert b["frames"].dtype == torch.uint8 and b["frames"].shape[-1] == 3       # (B, T, S, S, 3)
+        b["frames"] = model_frames(b, norm, "cpu")                                    # (B, T, 3, S, S)
         n = len(b["video_index"])
         rows += [{k: v[i] for k, v in b.items()} for i in range(n)]
     return rows
@@ -106,7 +112,7 @@ def test_train_and_eval_datasets_from_a_local_dir(tmp_path, ray_local):
     train = load_manifest(job, "train")
     ds = train_dataset(job, train, epoch_seed=2)
     first, second = _rows(ds), _rows(ds)
-    assert set(first[0]) == {"frames", "texts", "num_texts", "video_index"}
+    assert set(first[0]) == {"frames", "valid", "texts", "num_texts", "video_index"}
     assert sorted(int(r["video_index"]) for r in first) == list(range(train.num_videos))
     from tvr.backbone import get_tokenizer
 
@@ -129,7 +135,7 @@ def test_train_and_eval_datasets_from_a_local_dir(tmp_path, ray_local):
 
     test = load_manifest(job, "test")
     rows = _rows(video_dataset(job, test))
-    assert set(rows[0]) == {"frames", "video_index"}
+    assert set(rows[0]) == {"frames", "valid", "video_index"}
     assert sorted(int(r["video_index"]) for r in rows) == list(range(test.num_videos))
     for r in rows:
         data = st.read_bytes(f"videos/{test.video_files[int(r['video_index'])]}")

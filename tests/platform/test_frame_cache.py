@@ -13,7 +13,9 @@ from tvr_platform.cli import main
 from tvr_platform.config import load_job
 from tvr_platform.data.cache import CacheError, cache_uri, prepare_cache, use_cache
 from tvr_platform.data.pipeline import (
+    backbone_preprocess,
     load_manifest,
+    model_frames,
     read_quarantine,
     synth_dataset,
     train_dataset,
@@ -31,8 +33,12 @@ def _job(tmp_path, *extra):
 
 
 def _by_index(ds, batch_size=3):
+    """Rows by video index; the shipped uint8 frames normalised as every consumer does (model_frames)."""
     out = {}
+    norm = backbone_preprocess("tvr-tiny")[1:]
     for b in ds.iter_torch_batches(batch_size=batch_size):
+        assert b["frames"].dtype == torch.uint8                                  # (B, T, S, S, 3) travel
+        b["frames"] = model_frames(b, norm, "cpu")                               # (B, T, 3, S, S) f32
         for i, v in enumerate(b["video_index"].tolist()):
             assert v not in out
             out[v] = {k: t[i] for k, t in b.items()}
@@ -65,7 +71,7 @@ def test_cache_batches_equal_decoded_batches(tmp_path, ray_local, capsys):
     cached = _by_index(video_dataset(job_c, test))
     assert sorted(cached) == sorted(decoded) == list(range(test.num_videos))
     for v in decoded:
-        assert set(cached[v]) == set(decoded[v]) == {"frames", "video_index"}
+        assert set(cached[v]) == set(decoded[v]) == {"frames", "valid", "video_index"}
         assert cached[v]["frames"].dtype == torch.float32 and cached[v]["frames"].shape == (T, 3, 32, 32)
         assert torch.equal(cached[v]["frames"], decoded[v]["frames"]), v      # bit-identical batches
     assert torch.count_nonzero(cached[1]["frames"]) == 0                        # the bad clip: zero frames

@@ -392,12 +392,12 @@ def test_decode_quarantines_an_out_of_root_clip_without_reading_it(tmp_path):
     videos = open_storage(str(tmp_path / "videos"))
     (tmp_path / "videos").mkdir()
     quarantine = open_storage(str(tmp_path / "q"))
-    udf = DecodeClips(videos=videos, num_frames=2, size=8, mean=(0.0,) * 3, std=(1.0,) * 3, train=False,
-                      seed=0, split="test", quarantine=quarantine)
+    udf = DecodeClips(videos=videos, num_frames=2, size=8, train=False, seed=0, split="test",
+                      quarantine=quarantine)
     udf._read = lambda rel: pytest.fail(f"read {rel}")     # noqa: ARG005 - must never be called
     out = udf({"file": np.array(["../../other-bucket/key.mp4"]), "video_index": np.array([0]),
                "seg_start": np.array([np.nan]), "seg_end": np.array([np.nan]), "epoch_seed": np.array([0])})
-    assert out["frames"].shape == (1, 2, 3, 8, 8) and not out["frames"].any()
+    assert out["frames"].shape == (1, 2, 8, 8, 3) and not out["frames"].any() and not out["valid"].any()
     import json
 
     records = [json.loads(line) for f in (tmp_path / "q").glob("*.jsonl") for line in f.read_text().splitlines()]

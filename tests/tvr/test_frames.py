@@ -17,6 +17,7 @@ from tvr.data.frames import (
     decode_all,
     decode_frames,
     normalize,
+    normalize_on_device,
     sample_indices,
 )
 from tvr.data.synthetic import COLOURS, encode_mp4, render_frames, sample_spec
@@ -123,6 +124,32 @@ def test_normalize_is_clip_normalisation_channels_first():
         np.testing.assert_allclose(y[:, c], ref, atol=1e-5)
 
 
+def test_uint8_path_normalised_on_device_equals_the_float_path_on_real_clips():
+    """The data path ships uint8 frames and normalises them where the model runs: on real MP4
+    clips (two backbones' mean/std, a batch with an undecodable row) the result equals the old
+    CPU float32 path -- normalize() per clip, all-zero frames for a clip that could not be
+    decoded -- to 1e-6 (bit for bit on CPU)."""
+    import torch
+
+    clips = [decode_frames(_clip(num_frames=24, size=40, seed=s, keyint=6)[1], 5, size=32, mode=m).frames
+             for s, m in [(0, "uniform"), (1, "random"), (2, "uniform")]]       # 3 x (5, 32, 32, 3) uint8
+    batch = np.stack([*clips, np.zeros_like(clips[0])])                         # (4, 5, 32, 32, 3)
+    valid = np.array([True, True, True, False])
+    for mean, std in [(OPENAI_MEAN, OPENAI_STD), ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))]:
+        old = np.stack([*(normalize(c, mean, std) for c in clips), np.zeros((5, 3, 32, 32), np.float32)])
+        new = normalize_on_device(torch.from_numpy(batch), mean, std, valid=torch.from_numpy(valid), device="cpu")
+        assert new.dtype == torch.float32 and new.shape == (4, 5, 3, 32, 32) and new.is_contiguous()
+        np.testing.assert_allclose(new.numpy(), old, atol=1e-6, rtol=0)
+        assert torch.equal(new, torch.from_numpy(old))
+        assert torch.count_nonzero(new[3]) == 0                                 # the undecodable row
+    one = normalize_on_device(clips[0])                                         # unbatched, no valid
+    np.testing.assert_allclose(one.numpy(), normalize(clips[0]), atol=1e-6, rtol=0)
+    already = torch.from_numpy(normalize(clips[0]))
+    assert normalize_on_device(already) is already                              # floats pass through
+    with pytest.raises(ValueError, match="uint8"):
+        normalize_on_device(torch.zeros(2, 4, 4, 3, dtype=torch.int32))
+
+
 def test_short_clip_is_padded_with_its_last_frame():
     _, data = _clip(num_frames=5)
     res = decode_frames(data, 8)
@@ -157,3 +184,4 @@ def test_damaged_middle_still_gives_t_frames_or_a_clear_error():
     except DecodeError:
         return
     assert res.frames.shape == (8, 16, 16, 3)
+

@@ -226,3 +226,41 @@ def normalize(frames: np.ndarray, mean: tuple[float, ...] = OPENAI_MEAN,
     x *= scale
     x += bias
     return x
+
+
+def normalize_on_device(frames, mean: tuple[float, ...] = OPENAI_MEAN, std: tuple[float, ...] = OPENAI_STD,
+                        *, valid=None, device=None):
+    """The model's input from the data path's frames, computed on ``device`` (the training /
+    embedding device): (..., T, H, W, 3) uint8 -> (..., T, 3, H, W) float32,
+    ``(x / 255 - mean) / std`` per channel -- the same float32 operations as :func:`normalize`
+    (``x * (1 / (255 std))`` then ``+ (-mean / std)``, each rounded once), so the result equals the
+    CPU path's bit for bit on CPU and to float32 rounding elsewhere.
+
+    ``valid`` ((...,) bool, optional): rows that are False (clips that could not be decoded) come
+    out as all-zero frames, as the float path shipped them. Frames that are already floating point
+    (normalised by the caller) are returned as they are, moved to ``device``.
+
+    Only uint8 travels through the data pipeline (1 byte a value instead of 4) and the
+    normalisation runs where the model runs (torch is imported here, not at module level, so that
+    decode workers stay light).
+    """
+    import torch
+
+    x = torch.as_tensor(frames)
+    if x.is_floating_point():
+        return x.to(device) if device is not None else x
+    if x.dtype != torch.uint8 or x.ndim < 4 or x.shape[-1] != 3:
+        raise ValueError(f"frames must be uint8 (..., T, H, W, 3), got {x.dtype} {tuple(x.shape)}")
+    x = x.to(device, non_blocking=True) if device is not None else x
+    std64 = np.asarray(std, np.float64)
+    scale = torch.from_numpy((1.0 / (255.0 * std64)).astype(np.float32)).to(x.device)[:, None, None]  # (3,1,1)
+    bias = torch.from_numpy((-np.asarray(mean, np.float64) / std64).astype(np.float32)).to(x.device)[:, None, None]
+    out = torch.empty((*x.shape[:-3], 3, *x.shape[-3:-1]), dtype=torch.float32, device=x.device)
+    out.copy_(x.movedim(-1, -3))                                             # (..., T, 3, H, W), exact
+    out.mul_(scale)
+    out.add_(bias)
+    if valid is not None:
+        keep = torch.as_tensor(valid, device=x.device).bool()                # (...,)
+        if not bool(keep.all()):
+            out.masked_fill_(~keep.reshape(*keep.shape, 1, 1, 1, 1), 0.0)
+    return out

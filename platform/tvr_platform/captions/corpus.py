@@ -276,22 +276,26 @@ class CaptionWorker:
                  bank: tuple[list[str], list[str]] | None, ledger: Any, api_key: Any = None):
         import torch
 
+        from tvr_platform.data.pipeline import frame_norm
+
         torch.set_num_threads(1)
         self.job = job_from_dict(job)
         self.prompt, self.video_ids, self.splits = prompt, video_ids, splits
         self.captioner, self.model = build_captioner(self.job, bank=bank, api_key=api_key,
                                                      budget=RayBudget(ledger) if ledger is not None else None)
         self.store = captions_storage(self.job)
+        self.norm = frame_norm(self.job)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
+        from tvr_platform.data.pipeline import model_frames
 
         cfg = self.job.captions
         idx = [int(i) for i in batch["video_index"]]
         ids = [self.video_ids[i] for i in idx]
         client = getattr(self.captioner, "client", None)
         before = client.usage.to_dict() if client is not None else {}
-        frames = torch.from_numpy(np.stack(list(batch["frames"])).astype(np.float32))   # (b, T, 3, H, W)
+        frames = model_frames({"frames": np.stack(list(batch["frames"])), "valid": batch.get("valid")},
+                              self.norm).float()                                          # (b, T, 3, H, W)
         caps = self.captioner.caption(frames, self.prompt, cfg.captions_per_video, video_ids=ids)
         now = datetime.now(UTC).isoformat()
         rows = [{"video_id": v, "captions": c, "prompt": self.prompt, "backend": cfg.backend, "model": self.model,
@@ -395,7 +399,9 @@ def generate_corpus_captions(job: JobCfg, *, prompt: str | None = None, dataset:
                 from tvr_platform.data.pipeline import video_dataset
 
                 src = video_dataset(without_aux_captions(job), src, decode_batch_size=cfg.batch_size)
-            ds = src.select_columns(["video_index", "frames"]).map_batches(
+            if dataset is None:                                    # the decoding path's columns
+                src = src.select_columns(["video_index", "frames", "valid"])
+            ds = src.map_batches(
                 CaptionWorker, batch_size=cfg.batch_size, concurrency=cfg.concurrency, batch_format="numpy",
                 fn_constructor_kwargs={"job": job_to_dict(job), "prompt": prompt, "video_ids": ids,
                                        "splits": split_of,

@@ -41,11 +41,9 @@ log = logging.getLogger(__name__)
 
 def load_csi_samples(job: JobCfg) -> list[Any]:
     """``captions.sample_size`` training videos (seeded choice) with frames and original texts."""
-    import torch
-
     from tvr.captioning import VideoSample
     from tvr_platform.captions.corpus import _ensure_ray, subset_manifest, without_aux_captions
-    from tvr_platform.data.pipeline import load_manifest, video_dataset
+    from tvr_platform.data.pipeline import frame_norm, load_manifest, model_frames, video_dataset
 
     m = load_manifest(job, job.data.train_split)
     if m.num_videos == 0:
@@ -57,7 +55,9 @@ def load_csi_samples(job: JobCfg) -> list[Any]:
     _ensure_ray(job)
     rows = video_dataset(without_aux_captions(job), sub).take_all()
     rows.sort(key=lambda r: int(r["video_index"]))
-    return [VideoSample(sub.video_ids[int(r["video_index"])], torch.from_numpy(np.array(r["frames"], np.float32)),
+    norm = frame_norm(job)
+    return [VideoSample(sub.video_ids[int(r["video_index"])],
+                        model_frames({"frames": np.asarray(r["frames"]), "valid": np.asarray(r["valid"])}, norm),
                         [sub.captions[j] for j in per[int(r["video_index"])]]) for r in rows]
 
 

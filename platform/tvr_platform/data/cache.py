@@ -12,8 +12,9 @@ sampling: ``<split>-T<num_frames>-S<size>/`` holding ``part-*.parquet`` and ``_m
 - ``valid`` (bool): False when the clip could not be decoded (its frames are zeros).
 
 The cached frames are the *evaluation* sampling (segment middles, :mod:`tvr.data.frames`), resized
-and centre-cropped to the backbone's input size; normalisation happens when reading, so one cache
-serves every backbone with the same input size. Training from the cache therefore sees the same T
+and centre-cropped to the backbone's input size; they are read back as the decoding path's uint8
+rows and normalised on the consuming device (:func:`tvr_platform.data.pipeline.model_frames`), so
+one cache serves every backbone with the same input size. Training from the cache therefore sees the same T
 frames of a clip every epoch (no random offsets): the price of not decoding. Rows are matched to
 the current manifest by ``video_id``; clips that are not in the cache are reported as missing
 (evaluation keeps them as all-zero frames, as for undecodable clips; training skips them).
@@ -29,7 +30,6 @@ from typing import Any
 
 import numpy as np
 
-from tvr.data.frames import normalize
 from tvr_platform.config import JobCfg, join_uri
 from tvr_platform.storage import storage_for
 
@@ -144,11 +144,10 @@ def prepare_cache(job: JobCfg, splits: list[str] | None = None) -> dict[str, dic
 
 class FramesFromCache:
     """Ray Data UDF: cache rows -> the rows :func:`tvr_platform.data.pipeline.train_dataset` /
-    ``video_dataset`` produce (normalised frames plus the manifest's per-clip columns)."""
+    ``video_dataset`` produce (uint8 frames, ``valid``, plus the manifest's per-clip columns)."""
 
-    def __init__(self, *, extras: dict[str, dict[str, np.ndarray]], mean: tuple[float, ...], std: tuple[float, ...],
-                 train: bool, num_frames: int, size: int):
-        self.extras, self.mean, self.std, self.train = extras, mean, std, train
+    def __init__(self, *, extras: dict[str, dict[str, np.ndarray]], train: bool, num_frames: int, size: int):
+        self.extras, self.train = extras, train
         self.num_frames, self.size = num_frames, size
 
     def _frames(self, value: Any) -> np.ndarray:
@@ -164,18 +163,20 @@ class FramesFromCache:
             extra = self.extras.get(str(vid))
             if extra is None:
                 continue                                                           # not in this manifest
-            if not bool(batch["valid"][i]):
+            ok = bool(batch["valid"][i])
+            if not ok:
                 if self.train:
                     continue
-                frames = np.zeros((self.num_frames, 3, self.size, self.size), np.float32)
+                frames = np.zeros((self.num_frames, self.size, self.size, 3), np.uint8)
             else:
-                frames = normalize(self._frames(batch["frames"][i]), self.mean, self.std)   # (T, 3, S, S)
+                frames = self._frames(batch["frames"][i])                          # (T, S, S, 3) uint8
             cols.setdefault("frames", []).append(frames)
+            cols.setdefault("valid", []).append(ok)
             for k, v in extra.items():
                 cols.setdefault(k, []).append(v)
         if not cols:
-            return {"frames": np.zeros((0, self.num_frames, 3, self.size, self.size), np.float32),
-                    "video_index": np.zeros((0,), np.int64)}
+            return {"frames": np.zeros((0, self.num_frames, self.size, self.size, 3), np.uint8),
+                    "valid": np.zeros((0,), bool), "video_index": np.zeros((0,), np.int64)}
         return {k: np.stack(v) for k, v in cols.items()}
 
 
@@ -192,7 +193,7 @@ def cached_dataset(job: JobCfg, manifest: Any, *, train: bool, rows: list[dict[s
 
     st = storage_for(job, cache_uri(job, manifest.split))
     meta = cache_meta(job, manifest.split) or {}
-    size, mean, std = backbone_preprocess(job.model.backbone.name, job.model.backbone.pretrained)
+    size = backbone_preprocess(job.model.backbone.name, job.model.backbone.pretrained)[0]
     if meta.get("size") != size or meta.get("num_frames") != job.data.num_frames:
         raise CacheError(f"{st.url()}: cache made for T={meta.get('num_frames')}, S={meta.get('size')}; "
                          f"the job needs T={job.data.num_frames}, S={size}; re-run `tvr data prepare`")
@@ -219,11 +220,11 @@ def cached_dataset(job: JobCfg, manifest: Any, *, train: bool, rows: list[dict[s
 
         ds = ds.randomize_block_order(seed=RandomSeedConfig(seed=job.run.seed % (2 ** 31),
                                                             reseed_after_execution=True))
-    ds = map_udf(ds, FramesFromCache, {"extras": extras, "mean": mean, "std": std, "train": train,
+    ds = map_udf(ds, FramesFromCache, {"extras": extras, "train": train,
                                        "num_frames": job.data.num_frames, "size": size},
                  batch_size=8, concurrency=job.data.decode_concurrency, num_cpus=decode_num_cpus(job))
     if not train and missing:
-        zeros = np.zeros((job.data.num_frames, 3, size, size), np.float32)
-        fill = [{**extras[v], "frames": zeros} for v in missing]
+        zeros = np.zeros((job.data.num_frames, size, size, 3), np.uint8)
+        fill = [{**extras[v], "frames": zeros, "valid": False} for v in missing]
         ds = ds.union(ray.data.from_items(fill))
     return ds

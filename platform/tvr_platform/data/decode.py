@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from tvr.data.frames import DecodeError, decode_frames, normalize
+from tvr.data.frames import DecodeError, decode_frames
 from tvr_platform.storage import Storage, StorageError, retry_call
 
 log = logging.getLogger(__name__)
@@ -45,17 +45,20 @@ def map_udf(ds: Any, udf_class: type, kwargs: dict[str, Any], *, batch_size: int
 
 
 class DecodeClips:
-    """Ray Data callable class: rows with ``file`` (+ segment) -> ``frames`` float32 (T, 3, S, S).
+    """Ray Data callable class: rows with ``file`` (+ segment) -> ``frames`` uint8 (T, S, S, 3) RGB
+    and ``valid`` (bool: whether the clip could be decoded; all-zero frames when not).
 
-    ``raw=True`` (the frame cache): ``frames`` stay uint8 (T, S, S, 3), every row is kept, and a
-    ``valid`` bool column says whether the clip could be decoded (all-zero frames when not).
+    Frames travel as uint8 (4x fewer bytes than float32) and are normalised on the consuming
+    device by :func:`tvr.data.frames.normalize_on_device` (through
+    :func:`tvr_platform.data.pipeline.model_frames`), which also turns invalid rows into the
+    all-zero input evaluation scores them with. Training (``train=True``) skips undecodable rows;
+    evaluation keeps them; ``raw=True`` (the frame cache) keeps every row.
     """
 
-    def __init__(self, *, videos: Storage, num_frames: int, size: int, mean: tuple[float, ...],
-                 std: tuple[float, ...], train: bool, seed: int, split: str, quarantine: Storage | None,
-                 raw: bool = False):
+    def __init__(self, *, videos: Storage, num_frames: int, size: int, train: bool, seed: int, split: str,
+                 quarantine: Storage | None, raw: bool = False):
         self.videos, (self.fs, _) = videos, videos.pyarrow_filesystem()
-        self.num_frames, self.size, self.mean, self.std = num_frames, size, mean, std
+        self.num_frames, self.size = num_frames, size
         self.train, self.seed, self.split = train, seed, split
         self.quarantine, self.raw = quarantine, raw
 
@@ -84,13 +87,10 @@ class DecodeClips:
                 records.append({"uri": rel, "reason": str(err)[:300], "split": self.split,
                                 "action": "skipped (outside the data root)" if self.train else
                                 "zero frames (outside the data root)"})
-                if self.raw:
+                if self.raw or not self.train:
                     keep.append(i)
                     valid.append(False)
                     frames.append(np.zeros((self.num_frames, self.size, self.size, 3), np.uint8))
-                elif not self.train:
-                    keep.append(i)
-                    frames.append(np.zeros((self.num_frames, 3, self.size, self.size), np.float32))
                 continue
             rng = np.random.default_rng([self.seed, int(batch["epoch_seed"][i]), pass_idx, vidx])
             try:
@@ -103,13 +103,10 @@ class DecodeClips:
                     reason = "missing video file"
                 records.append({"uri": uri, "reason": reason[:300], "split": self.split,
                                 "action": "skipped" if self.train else "zero frames"})
-                if self.raw:
+                if self.raw or not self.train:
                     keep.append(i)
                     valid.append(False)
                     frames.append(np.zeros((self.num_frames, self.size, self.size, 3), np.uint8))
-                elif not self.train:
-                    keep.append(i)
-                    frames.append(np.zeros((self.num_frames, 3, self.size, self.size), np.float32))
                 continue
             if res.padded:
                 records.append({"uri": uri, "reason": f"clip has {res.num_source_frames} frame(s) < "
@@ -120,7 +117,7 @@ class DecodeClips:
                                 "action": "patched"})
             keep.append(i)
             valid.append(True)
-            frames.append(res.frames if self.raw else normalize(res.frames, self.mean, self.std))
+            frames.append(res.frames)                                             # (T, S, S, 3) uint8
         if records and self.quarantine is not None:
             blob = "".join(json.dumps(r) + "\n" for r in records).encode("utf-8")
             try:
@@ -129,10 +126,7 @@ class DecodeClips:
                 log.warning("could not write quarantine records: %s", err)
         out = {k: v[keep] for k, v in batch.items()
                if k not in ("file", "seg_start", "seg_end", "epoch_seed")}
-        if self.raw:
-            out["valid"] = np.asarray(valid, bool)
-            shape, dtype = (0, self.num_frames, self.size, self.size, 3), np.uint8
-        else:
-            shape, dtype = (0, self.num_frames, 3, self.size, self.size), np.float32
-        out["frames"] = np.stack(frames) if frames else np.zeros(shape, dtype)     # (B', T, 3, S, S)
+        out["valid"] = np.asarray(valid, bool)                                  # (B',)
+        out["frames"] = (np.stack(frames) if frames else                         # (B', T, S, S, 3)
+                         np.zeros((0, self.num_frames, self.size, self.size, 3), np.uint8))
         return out

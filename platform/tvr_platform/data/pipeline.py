@@ -6,17 +6,21 @@
     # in the worker:
     for b in ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=job.data.batch_size):
         text = pick_captions(b["texts"], b["num_texts"], b["video_index"], epoch, job.run.seed)  # (B, L)
-        frames = b["frames"]                                                                  # (B, T, 3, S, S)
+        frames = model_frames(b, frame_norm(job), device)       # uint8 -> (B, T, 3, S, S) f32 on device
     # after fit:
     write_quarantine(job, run_dir_uri, manifest, test_manifest)
 
 Rows (no string columns, so ``iter_torch_batches`` works directly):
 
-- ``train_dataset``: ``frames`` float32 (T, 3, S, S), S = the backbone's input size, normalised
-  with the backbone's mean/std; ``texts`` int64 (K_max, L): every caption of the clip tokenised
+- ``train_dataset``: ``frames`` uint8 (T, S, S, 3) RGB, S = the backbone's input size (resized
+  and centre-cropped, *not* normalised: 4x fewer bytes travel than as float32), ``valid`` bool
+  (False: the clip could not be decoded, its frames are zeros); :func:`model_frames` turns them
+  into the model's input -- float32 (B, T, 3, S, S) normalised with the backbone's mean/std -- on
+  the training / embedding device, on every path (training, evaluation, index build, captioning,
+  benchmarks); ``texts`` int64 (K_max, L): every caption of the clip tokenised
   with the backbone tokenizer, rows of zeros after the ``num_texts`` real ones; ``num_texts``
   int64; ``video_index`` int64 (index into ``manifest.video_ids``).
-- ``video_dataset``: ``frames``, ``video_index``.
+- ``video_dataset``: ``frames``, ``valid``, ``video_index``.
 - both, when ``data.aux_captions`` names a generated caption set (``tvr captions generate``):
   ``aux_texts`` int64 (K, L), the clip's generated captions tokenised, zero rows as padding.
 
@@ -98,6 +102,28 @@ def backbone_preprocess(name: str, pretrained: str | None = None) -> tuple[int, 
         tag = open_clip.get_pretrained_cfg(name, pretrained) or {}
         mean, std = tuple(tag.get("mean") or mean), tuple(tag.get("std") or std)
     return size, mean, std
+
+
+def frame_norm(job: JobCfg) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) that :func:`model_frames` normalises the job's frames with (the backbone's)."""
+    return backbone_preprocess(job.model.backbone.name, job.model.backbone.pretrained)[1:]
+
+
+def model_frames(batch: dict[str, Any], norm: tuple[tuple[float, ...], tuple[float, ...]],
+                 device: torch.device | str | None = None) -> torch.Tensor:
+    """A batch's ``frames`` as the model's input on ``device``: uint8 (B, T, S, S, 3) ->
+    float32 (B, T, 3, S, S), ``(x / 255 - mean) / std`` with ``norm = (mean, std)``
+    (:func:`frame_norm`); rows whose ``valid`` is False become all-zero frames. The one place the
+    data path's frames are normalised (:func:`tvr.data.frames.normalize_on_device`); batches may be
+    torch tensors (``iter_torch_batches``) or numpy arrays (``map_batches`` UDFs)."""
+    from tvr.data.frames import normalize_on_device
+
+    frames, valid = batch["frames"], batch.get("valid")
+    if isinstance(frames, np.ndarray):
+        frames = torch.from_numpy(np.ascontiguousarray(frames))
+    if isinstance(valid, np.ndarray):
+        valid = torch.from_numpy(valid.astype(bool))
+    return normalize_on_device(frames, *norm, valid=valid, device=device)
 
 
 def _tokens(job: JobCfg, captions: list[str]) -> np.ndarray:
@@ -194,9 +220,9 @@ def _items(job: JobCfg, manifest: Manifest, *, texts: bool, epoch_seed: int) -> 
 
 
 def _decode_kwargs(job: JobCfg, split: str, train: bool) -> dict[str, Any]:
-    size, mean, std = backbone_preprocess(job.model.backbone.name, job.model.backbone.pretrained)
+    size = backbone_preprocess(job.model.backbone.name, job.model.backbone.pretrained)[0]
     return {"videos": storage_for(job, videos_uri(job)), "num_frames": job.data.num_frames, "size": size,
-            "mean": mean, "std": std, "train": train, "seed": job.run.seed, "split": split,
+            "train": train, "seed": job.run.seed, "split": split,
             "quarantine": storage_for(job, quarantine_uri(job, split))}
 
 
@@ -262,13 +288,13 @@ def _build(job: JobCfg, manifest: Manifest, *, train: bool, epoch_seed: int, dec
 
 
 def train_dataset(job: JobCfg, manifest: Manifest, *, epoch_seed: int = 0, decode_batch_size: int = 8) -> Any:
-    """One row per training video: frames (T,3,S,S) f32, texts (K_max,L) i64, num_texts, video_index."""
+    """One row per training video: frames (T,S,S,3) u8, valid, texts (K_max,L) i64, num_texts, video_index."""
     return _build(job, manifest, train=True, epoch_seed=epoch_seed, decode_batch_size=decode_batch_size)
 
 
 def video_dataset(job: JobCfg, manifest: Manifest, *, decode_batch_size: int = 8,
                   shard: tuple[int, int] | None = None) -> Any:
-    """One row per video for evaluation: frames (T,3,S,S) f32 (segment middles), video_index.
+    """One row per video for evaluation: frames (T,S,S,3) u8 (segment middles), valid, video_index.
 
     ``shard=(rank, world_size)``: only the videos of :func:`shard_range` (``video_index`` stays
     the index into the whole split), selected before anything is decoded."""

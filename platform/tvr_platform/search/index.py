@@ -80,10 +80,12 @@ def embed_gpus(job) -> int:
 
 
 class EmbedClips:
-    """Ray Data callable class: ``frames`` (B, T, 3, S, S) -> the method's video features, one
-    column ``feat.<key>`` per feature tensor (first dim B)."""
+    """Ray Data callable class: ``frames`` uint8 (B, T, S, S, 3) + ``valid`` -> the method's video
+    features (frames normalised with ``norm = (mean, std)`` on the actor's device by
+    :func:`tvr_platform.data.pipeline.model_frames`), one column ``feat.<key>`` per feature tensor
+    (first dim B)."""
 
-    def __init__(self, *, job_yaml: bytes, weights: bytes):
+    def __init__(self, *, job_yaml: bytes, weights: bytes, norm: tuple[tuple[float, ...], tuple[float, ...]]):
         import tempfile
         from pathlib import Path
 
@@ -99,10 +101,13 @@ class EmbedClips:
         # A GPU actor (num_gpus=1) embeds on its GPU; a CPU actor where it runs.
         self.device = torch.device("cuda", 0) if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
         self.method.to(self.device)
+        self.norm = norm
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        frames = torch.from_numpy(np.ascontiguousarray(batch["frames"])).to(self.device)
+        from tvr_platform.data.pipeline import model_frames
+
+        frames = model_frames(batch, self.norm, self.device)                    # (B, T, 3, S, S) f32
         feats = {k: v.cpu() for k, v in self.method.encode_video(frames).items()}
         out = {"video_id": batch["video_id"]}
         out.update({f"feat.{k}": (v.float() if v.is_floating_point() else v).numpy() for k, v in feats.items()})
@@ -184,12 +189,13 @@ def build_index(model_uri: str, videos_uri: str, *, overrides: list[str] | None 
              "seg_start": np.float64(np.nan), "seg_end": np.float64(np.nan)} for i, f in enumerate(todo)]
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // batch_size + 1, 256)))
     ds = ds.map_batches(DecodeClips, fn_constructor_kwargs={
-        "videos": videos, "num_frames": job.data.num_frames, "size": size, "mean": mean, "std": std,
+        "videos": videos, "num_frames": job.data.num_frames, "size": size,
         "train": False, "seed": job.run.seed, "split": "index", "quarantine": store.child("quarantine")},
         batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=job.data.decode_concurrency),
         num_cpus=job.data.decode_num_cpus)
     ds = ds.map_batches(EmbedClips, fn_constructor_kwargs={
-        "job_yaml": job_file.read_bytes(), "weights": weights_file.read_bytes()},
+        "job_yaml": job_file.read_bytes(), "weights": weights_file.read_bytes(),
+        "norm": (mean, std)},
         batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=concurrency),
         num_cpus=job.train.cpus_per_worker, num_gpus=embed_gpus(job))
     from tqdm import tqdm

@@ -109,7 +109,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from tvr_platform.data.pipeline import load_manifest, pick_captions, tokenize_captions
+    from tvr_platform.data.pipeline import (
+        frame_norm,
+        load_manifest,
+        model_frames,
+        pick_captions,
+        tokenize_captions,
+    )
     from tvr_platform.tracking import Tracker
 
     # -- setup --------------------------------------------------------------------------------
@@ -165,6 +171,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if scorer:
         eval_texts, caption_video = tokenize_captions(job, load_manifest(job, job.data.test_split))
     n_frames = job.data.num_frames
+    norm = frame_norm(job)                                  # uint8 frames are normalised on `device`
     flops_per_clip, peak_flops = train_flops_per_clip(method.backbone.clip, n_frames), 0.0
     if tracker and device.type == "cuda":
         peak_flops = job.train.peak_tflops * 1e12 or measure_peak_flops(device)
@@ -186,7 +193,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             t_start = time.perf_counter()
             text = pick_captions(batch["texts"], batch["num_texts"], batch["video_index"], epoch, job.run.seed)
             aux = batch.get("aux_texts")
-            out = strategy(mode="loss", frames=batch["frames"].to(device), text=text.to(device),
+            out = strategy(mode="loss", frames=model_frames(batch, norm, device), text=text.to(device),
                            captions=None if aux is None else aux.to(device))
             if fail_at is not None and rank == 1 and global_step == fail_at and checkpoint is None:
                 raise RuntimeError(f"injected failure at step {global_step} (train_loop_config.fail_at_step)")
@@ -217,7 +224,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if last or (epoch + 1) % job.train.eval_every == 0:
             with strategy.eval_module() as eval_module:
                 feats, index = embed_videos(eval_module, ray.train.get_dataset_shard("test").iter_torch_batches(
-                    batch_size=job.data.eval_batch_size), device)
+                    batch_size=job.data.eval_batch_size), device, norm)
                 parts = gather_objects((feats, index))
                 if scorer:
                     video = order_by_index(concat_features([p[0] for p in parts]),
