@@ -3,7 +3,9 @@
 The wheel carries ``jobs/`` as ``tvr_platform/jobs`` (pyproject ``force-include``), so
 ``tvr train jobs/train.yaml`` works in an empty directory too: a spec path that is not a file but
 names a shipped spec (``jobs/train.yaml``, ``train.yaml`` or ``train``) loads the shipped one.
-``tvr config list`` / ``tvr config show NAME [overrides]`` print them.
+Specs in sub-folders are named by their path under ``jobs/`` (the paper recipes:
+``jobs/repro/xpool.yaml`` = ``repro/xpool``). ``tvr config list`` / ``tvr config show NAME
+[overrides]`` print them.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ def jobs_dir() -> Path:
 
 
 def shipped() -> dict[str, Path]:
-    """name (file stem) -> path of every shipped spec."""
-    return {p.stem: p for p in sorted(jobs_dir().glob("*.yaml"))}
+    """name (path under jobs/ without .yaml: ``train``, ``repro/xpool``) -> path of every shipped spec."""
+    root = jobs_dir()
+    return {p.relative_to(root).with_suffix("").as_posix(): p for p in sorted(root.rglob("*.yaml"))}
 
 
 def resolve_spec(spec: str | os.PathLike) -> Path:
@@ -30,8 +33,10 @@ def resolve_spec(spec: str | os.PathLike) -> Path:
     path = Path(spec)
     if path.is_file():
         return path
-    if path.parent.name in ("", "jobs") and path.suffix in ("", ".yaml", ".yml"):
-        found = shipped().get(path.stem)
+    if path.suffix in ("", ".yaml", ".yml") and not path.is_absolute():
+        parts = path.with_suffix("").parts
+        name = "/".join(parts[1:] if parts[:1] == ("jobs",) else parts)
+        found = shipped().get(name)
         if found is not None:
             return found
     return path

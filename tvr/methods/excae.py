@@ -125,6 +125,11 @@ Deviations from the official code (documented choices, not accidents):
 - the Switch/GShard load-balancing loss (in neither paper nor official code) is available with
   ``balance_weight`` > 0; the default 0 is the official objective;
 - ``caption_grad=False`` encodes captions without gradient through the text tower (memory saver).
+
+Training-recipe differences (``jobs/repro/excae.yaml``; the full list, shared by every recipe, is in
+docs/reference-results.md "What still differs"): the official release has no training code or
+configuration: the recipe's training values are CLIP4Clip's (assumed) and its backbone (ViT-B/32)
+is not confirmed; the recipe uses the official video-only router (``router: video``).
 """
 
 from __future__ import annotations

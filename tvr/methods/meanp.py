@@ -12,6 +12,15 @@ their norms and differs whenever those norms differ.
 Deviations from the official code: no frame padding mask (the platform always samples T real
 frames, so the official masked mean equals the plain mean); the logit scale is clamped at 100
 inside :func:`tvr.losses.clip_logits` (CLIP4Clip does not clamp).
+
+Training-recipe differences (``jobs/repro/meanp.yaml``; the full list, shared by every recipe, is in
+docs/reference-results.md "What still differs"): one caption per clip per epoch (epochs x 20
+instead of ``--expand_msrvtt_sentences``); torch AdamW instead of BertAdam (b2 0.98, eps 1e-6,
+no bias correction) and a cosine decay after the warm-up instead of ``warmup_cosine`` over the
+whole run; no decay on gains/embeddings/temperature too (official: biases and LayerNorm only);
+77 caption tokens (official ``max_words 32``); bf16 autocast (official: fp16 CLIP weights);
+12 frames from tvr's sampler (official: 1 fps, then 12 uniformly); last epoch reported (official:
+best epoch on the test split).
 """
 
 from __future__ import annotations

@@ -102,6 +102,10 @@ Other deviations: pooled tensors are laid out (N_t, N_v, D); similarity is chunk
 ``prepare_video`` caches the text-independent frame tensors (X-Pool's K, V and the unit frames);
 the official code picks the best of ``evals_per_epoch`` = 10 evaluations per epoch on the test
 split itself (checkpoint selection on the test set), tvr reports the evaluation after training.
+
+Training-recipe differences (``jobs/repro/tmass_b32.yaml / tmass_b16.yaml``; the full list, shared by every recipe, is in
+docs/reference-results.md "What still differs"): as X-Pool's (:mod:`tvr.methods.xpool`),
+plus α = 0.8 from the official command.
 """
 
 from __future__ import annotations

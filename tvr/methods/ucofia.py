@@ -93,6 +93,13 @@ Deviations from the official code (all deliberate):
 7. The temporal encoder is :class:`tvr.temporal.TemporalEncoder` (pre-norm, zero-init output, so
    v = mean of frames at step 0); ``temporal_layers = 0`` gives the official ``meanP`` header.
 8. No video padding mask: every clip has T real frames (the platform samples fixed T).
+
+Training-recipe differences (``jobs/repro/ucofia.yaml``; the list shared by every recipe is in
+docs/reference-results.md "What still differs"): one caption per clip per epoch (300 tvr epochs
+for the official 15 over all pairs); torch AdamW instead of BertAdam (b2 0.98, eps 1e-6, no bias
+correction) with a cosine decay after the warm-up instead of ``warmup_cosine``; 77 caption tokens
+(official ``max_words 32``); bf16 autocast (official fp16 CLIP weights); the last epoch is reported
+(official: best checkpoint on the test split, then the SK evaluation script).
 """
 
 from __future__ import annotations

@@ -21,8 +21,11 @@ Video prompts, n tokens of width w per prompted layer l, beside [CLS] in each fr
                   layers l ≥ K_s inter-frame: one joint sequence per clip
                   [Vˡ, x_1, .., x_T] — every token attends to the tokens of all frames — with
                   clip-level function-specific prompts Vˡ (n x w) instead of per-frame ones
-    full:         P + C + F (the paper's best): intra-frame layers use position-specific +
-                  context prompts, inter-frame layers clip-level prompts
+    F+C:          F + C (VoP^{F+C}, the paper's MSR-VTT row in docs/reference-results.md):
+                  intra-frame layers use shared + context prompts, inter-frame layers
+                  clip-level prompts
+    full:         P + C + F: intra-frame layers use position-specific + context prompts,
+                  inter-frame layers clip-level prompts
 
 Video feature and objective (official code: ModelScope ``vop_retrieval``, X-Pool trainer):
 
@@ -47,6 +50,11 @@ Deviations from the official code, all documented here:
   and values leave the softmax average unchanged). In ``full``, P and C act in the intra-frame
   layers, F's clip-level prompts in the inter-frame ones.
 - P maps frame f of a T-frame clip to prompt set ⌊f·F/T⌋ (identity when T = F).
+
+Training-recipe differences (``jobs/repro/vop_base.yaml / vop_fc.yaml``; the full list, shared by every recipe, is in
+docs/reference-results.md "What still differs"): no official training code exists;
+the optimiser, schedule, batch and epochs are X-Pool's (assumed, as the README says the code builds
+on X-Pool) and the prompt learning rate is not confirmed from the paper.
 """
 
 from __future__ import annotations
@@ -70,13 +78,13 @@ from tvr.prompts import (
     trainable_parameters,
 )
 
-VARIANTS = ("base", "P", "C", "F", "full")
+VARIANTS = ("base", "P", "C", "F", "F+C", "full")
 
 
 @dataclass(kw_only=True)
 class VoPCfg:
     variant: str = "full"
-    """Which video prompts: base | P (position) | C (context) | F (function) | full (P+C+F)."""
+    """Which video prompts: base | P (position) | C (context) | F (function) | F+C | full (P+C+F)."""
     prompt_length: int = 8
     """Video prompt tokens per prompted layer (n; official 8)."""
     text_prompt_length: int = 4
@@ -121,11 +129,11 @@ class VoPCfg:
 
     @property
     def context(self) -> bool:
-        return self.variant in ("C", "full")
+        return self.variant in ("C", "F+C", "full")
 
     @property
     def function(self) -> bool:
-        return self.variant in ("F", "full")
+        return self.variant in ("F", "F+C", "full")
 
 
 def _depth(cfg_depth: int | None, layers: int, tower: str) -> int:

@@ -34,6 +34,13 @@ Deviations from the official code:
   them to the video features so an evaluation or a search index computes them once in all;
 - the official ``attention_temperature`` argument is unused by its transformer pooling and is not
   exposed here.
+
+Training-recipe differences (``jobs/repro/xpool.yaml``; the full list, shared by every recipe, is in
+docs/reference-results.md "What still differs"): one caption per clip per epoch (epochs x 20 instead
+of all pairs); warm-up in steps (10 % of the updates, as ``warmup_proportion``); AdamW eps 1e-8
+(official 1e-6) and no weight decay on gains/biases/embeddings/temperature (official: every
+parameter decays); no RandomResizedCrop / horizontal flip in training; the last evaluation is
+reported (official: best of 10 evaluations per epoch on the test split).
 """
 
 from __future__ import annotations
