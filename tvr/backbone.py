@@ -56,8 +56,15 @@ class BackboneCfg:
     """QuickGELU activations; None = what the weights were trained with (the tag's open_clip config,
     e.g. true for openai); a value contradicting the tag is an error. Set true for OpenAI weights in
     a checkpoint file."""
+    image_size: int = 0
+    """Input resolution of the vision tower; 0 = the model config's (224 for ViT-B/32). Another value
+    (open_clip's ``force_image_size``) interpolates the pretrained position embedding to the new patch
+    grid; the data pipeline decodes frames at this size (not with ZeRO-3 + pretrained weights, whose
+    partitioned loader does not resize: the config loader says so)."""
 
     def __post_init__(self) -> None:
+        if self.image_size < 0:
+            raise ValueError(f"model.backbone.image_size={self.image_size} must be >= 0 (0 = the model's own)")
         # The activation check reads open_clip's configs only (no weights, no network).
         # An unknown tag is reported when the model is built (the spec may name a tag of a newer open_clip).
         known = not self.pretrained or is_checkpoint_file(self.pretrained) or \
@@ -174,12 +181,14 @@ def load_checkpoint_into(model: nn.Module, path: str | Path, *, strict: bool = T
 
 
 def create_clip(name: str, pretrained: str | None = None, *, quick_gelu: bool | None = None,
-                device: str | torch.device | None = None) -> nn.Module:
+                device: str | torch.device | None = None, image_size: int = 0) -> nn.Module:
     """Build an open_clip CLIP model with the activation its weights need (module docstring).
 
     No network access unless ``pretrained`` is a remote tag or ``name`` an hf-hub: name.
     ``device="meta"`` builds the architecture without memory (checkpoint tensors saved on meta load).
+    ``image_size`` > 0 overrides the vision input size (position embedding resized on load).
     """
+    size = {"force_image_size": image_size} if image_size else {}
     register_tvr_model_configs()
     if name.startswith(SCHEMAS):
         if pretrained:
@@ -189,7 +198,7 @@ def create_clip(name: str, pretrained: str | None = None, *, quick_gelu: bool | 
         if quick_gelu is not None and quick_gelu != built:
             raise ValueError(f"model.backbone.quick_gelu={quick_gelu} contradicts {name}'s own config "
                              f"(quick_gelu={built}); leave model.backbone.quick_gelu unset (null)")
-        return open_clip.create_model(name, device=device or "cpu")
+        return open_clip.create_model(name, device=device or "cpu", **size)
     qg = resolve_quick_gelu(name, pretrained, quick_gelu)
     tag = pretrained_tag_cfg(name, pretrained)
     checkpoint = download_tag(tag) if tag else pretrained
@@ -197,9 +206,9 @@ def create_clip(name: str, pretrained: str | None = None, *, quick_gelu: bool | 
         raise FileNotFoundError(f"model.backbone.pretrained: checkpoint file {checkpoint} does not exist")
     if device is not None and str(device) == "meta":
         with torch.device("meta"):
-            model = open_clip.create_model(name, force_quick_gelu=qg, device="meta")
+            model = open_clip.create_model(name, force_quick_gelu=qg, device="meta", **size)
     else:
-        model = open_clip.create_model(name, force_quick_gelu=qg, device=device or "cpu")
+        model = open_clip.create_model(name, force_quick_gelu=qg, device=device or "cpu", **size)
     if checkpoint:
         load_checkpoint_into(model, checkpoint)
     if tag:  # the tag's preprocessing, as open_clip.create_model sets it
@@ -219,7 +228,8 @@ class ClipBackbone(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.clip = model if model is not None else create_clip(cfg.name, cfg.pretrained,
-                                                                          quick_gelu=cfg.quick_gelu)
+                                                                          quick_gelu=cfg.quick_gelu,
+                                                                          image_size=cfg.image_size)
         if not hasattr(self.clip, "visual") or not hasattr(self.clip.visual, "transformer"):
             raise ValueError(f"model.backbone.name={cfg.name!r}: tvr supports open_clip ViT models only")
         if cfg.grad_checkpointing:

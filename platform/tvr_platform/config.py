@@ -181,6 +181,11 @@ class JobCfg:
 
         if not self.model.backbone.name.startswith(SCHEMAS):
             model_config(self.model.backbone.name)  # an unknown backbone: one line naming the choices
+        bb = self.model.backbone
+        if bb.image_size and bb.pretrained and self.train.strategy == "deepspeed" and self.train.zero_stage == 3:
+            raise ValueError(f"model.backbone.image_size={bb.image_size} with pretrained weights needs the position "
+                             "embedding resized on load, which the ZeRO-3 partitioned loader does not do: use "
+                             "train.zero_stage <= 2 or model.backbone.image_size=0")
         if self.model.method not in METHODS:
             raise ValueError(f"model.method={self.model.method!r} is not a tvr method; "
                              f"choose one of {sorted(METHODS)}")

@@ -6,8 +6,9 @@ open_clip-format checkpoint file written here, QuickGELU as OpenAI's) and its re
 official bank form, VoP F+C prompts, ExCae 16 experts + 70-token cut ...), then runs one training
 step (the method's param groups, AdamW, the platform's warm-up/cosine schedule) and one evaluation
 (the platform's ``evaluate_method``, with the recipe's eval settings) on a down-scaled input: 2 clips
-x 2 frames, 1 auxiliary caption (frames are the only input size the configs let shrink; the image
-stays 224). The same recipes' methods are also built on ViT-bigG-14 on the meta device (no memory).
+x 2 frames of 64 x 64 (``model.backbone.image_size=64``: the 224 checkpoint's position embedding is
+resized on load), 1 auxiliary caption. The same recipes' methods are also built on ViT-bigG-14 on
+the meta device (no memory).
 No Ray: the method table is called directly, as the training worker does.
 """
 
@@ -36,6 +37,7 @@ RECIPES = sorted((ROOT / "jobs" / "repro").glob("*.yaml"))
 CAPTIONS = ["a man is cooking pasta in a kitchen", "a red car drives fast on a wet road"]
 AUX = [["someone stirs a pot"], ["rain on the street"]]               # K = 1 auxiliary caption per clip
 FRAMES = 2
+SIZE = 64                     # model.backbone.image_size: B/32 sees 2 x 2 patches, B/16 4 x 4 (real: 224)
 
 
 def test_every_published_row_has_a_recipe_listed_by_tvr_config_list(capsys, tmp_path, monkeypatch):
@@ -82,6 +84,9 @@ def backbones(tmp_path_factory):
         recipe = next(p for p in RECIPES if load_job(p).model.backbone.name == name)
         backbone = ClipBackbone(down_scaled(recipe, path).model.backbone)
         assert torch.equal(backbone.clip.visual.proj, reference.visual.proj)   # the file's weights
+        grid = SIZE // reference.visual.patch_size[0]                          # 224 embedding resized
+        assert backbone.clip.visual.positional_embedding.shape[0] == grid * grid + 1 < \
+            reference.visual.positional_embedding.shape[0]
         assert backbone.clip.visual.transformer.resblocks[0].mlp.gelu.__class__.__name__ == "QuickGELU"
         out[name] = (path, backbone)
         del reference
@@ -90,7 +95,7 @@ def backbones(tmp_path_factory):
 
 def down_scaled(path: Path, checkpoint: Path | None = None, name: str | None = None):
     job = load_job(path)
-    overrides = [f"data.num_frames={FRAMES}"]
+    overrides = [f"data.num_frames={FRAMES}", f"model.backbone.image_size={SIZE}"]
     if hasattr(job.method_cfg, "num_frames"):
         overrides.append(f"model.{job.model.method}.num_frames={FRAMES}")
     if checkpoint is not None:
@@ -107,12 +112,12 @@ def test_recipe_trains_one_step_and_evaluates_at_real_size(path, backbones):
     assert job.model.backbone == built.cfg                                # the recipe's backbone, from the file
     torch.manual_seed(job.run.seed)
     backbone = copy.deepcopy(built)
-    assert backbone.image_size == 224 and backbone.embed_dim == 512
+    assert backbone.image_size == SIZE and backbone.embed_dim == 512
     method = build_method(job.model.method, job.method_cfg, backbone)
     step = RetrievalStep(method, gather=lambda x: x)
 
     ids = backbone.tokenize(CAPTIONS)                                      # (2, 77)
-    frames = torch.randn(len(CAPTIONS), FRAMES, 3, 224, 224)               # (B, T, 3, H, W)
+    frames = torch.randn(len(CAPTIONS), FRAMES, 3, SIZE, SIZE)             # (B, T, 3, H, W)
     aux = torch.stack([backbone.tokenize(a) for a in AUX]) if job.data.aux_captions else None  # (B, K, 77)
 
     # -- one training step, as the worker builds it -------------------------------------------------
@@ -157,3 +162,15 @@ def test_recipes_build_on_large_backbones_on_meta(name):
             method = build_method(job.model.method, job.method_cfg, ClipBackbone(job.model.backbone, model=clip))
         assert method.backbone.embed_dim == 1280
         assert all(p.is_meta for p in method.parameters())
+
+
+def test_backbone_image_size_reaches_the_data_pipeline_and_zero3_is_refused():
+    from tvr_platform.config import ConfigError
+    from tvr_platform.data.pipeline import backbone_preprocess
+
+    assert backbone_preprocess("ViT-B-32", "openai")[0] == 224
+    assert backbone_preprocess("ViT-B-32", "openai", 112)[0] == 112
+    with pytest.raises(ConfigError, match="image_size=112 .*ZeRO-3"):
+        load_job(RECIPES[0], ["model.backbone.image_size=112", "train.strategy=deepspeed", "train.zero_stage=3"])
+    with pytest.raises(ConfigError, match="image_size=-1 must be >= 0"):
+        load_job(None, ["model.backbone.image_size=-1"])

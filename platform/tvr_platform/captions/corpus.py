@@ -252,7 +252,8 @@ def build_captioner(job: JobCfg, *, backbone: Any = None, bank: tuple[Sequence[s
         from tvr_platform.captions.openai_backend import ChatClient, OpenAICaptioner, RateLimiter
         from tvr_platform.data.pipeline import backbone_preprocess
 
-        _, mean, std = backbone_preprocess(job.model.backbone.name, job.model.backbone.pretrained)
+        _, mean, std = backbone_preprocess(job.model.backbone.name, job.model.backbone.pretrained,
+                                job.model.backbone.image_size)
         limiter = rate_limiter if rate_limiter is not None else RateLimiter(cfg.requests_per_minute)
         client = ChatClient.from_cfg(cfg, budget=budget, sleep=sleep, api_key=api_key, rate_limiter=limiter,
                                      cache=cache)

@@ -50,7 +50,8 @@ def cache_root_uri(job: JobCfg) -> str:
 def cache_uri(job: JobCfg, split: str) -> str:
     from tvr_platform.data.pipeline import backbone_preprocess
 
-    size = backbone_preprocess(job.model.backbone.name, job.model.backbone.pretrained)[0]
+    size = backbone_preprocess(job.model.backbone.name, job.model.backbone.pretrained,
+                                job.model.backbone.image_size)[0]
     return join_uri(cache_root_uri(job), f"{split}-T{job.data.num_frames}-S{size}")
 
 
@@ -193,7 +194,8 @@ def cached_dataset(job: JobCfg, manifest: Any, *, train: bool, rows: list[dict[s
 
     st = storage_for(job, cache_uri(job, manifest.split))
     meta = cache_meta(job, manifest.split) or {}
-    size = backbone_preprocess(job.model.backbone.name, job.model.backbone.pretrained)[0]
+    size = backbone_preprocess(job.model.backbone.name, job.model.backbone.pretrained,
+                                job.model.backbone.image_size)[0]
     if meta.get("size") != size or meta.get("num_frames") != job.data.num_frames:
         raise CacheError(f"{st.url()}: cache made for T={meta.get('num_frames')}, S={meta.get('size')}; "
                          f"the job needs T={job.data.num_frames}, S={size}; re-run `tvr data prepare`")

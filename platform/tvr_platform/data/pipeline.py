@@ -78,8 +78,10 @@ log = logging.getLogger(__name__)
 
 # -- backbone facts, without building the model --------------------------------------------------
 
-def backbone_preprocess(name: str, pretrained: str | None = None) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
-    """(image size, mean, std) of open_clip model ``name`` from its config (no weights built).
+def backbone_preprocess(name: str, pretrained: str | None = None,
+                        image_size: int = 0) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
+    """(image size, mean, std) of open_clip model ``name`` from its config (no weights built);
+    ``image_size`` > 0 (``model.backbone.image_size``) overrides the config's size.
 
     mean/std: the pretrained tag's values when ``pretrained`` is an open_clip tag, else the
     model config's ``preprocess_cfg``, else OpenAI CLIP's -- the same precedence as
@@ -94,7 +96,7 @@ def backbone_preprocess(name: str, pretrained: str | None = None) -> tuple[int, 
     if cfg is None:
         raise ValueError(f"model.backbone.name={name!r} is not an open_clip model config")
     size = cfg.get("vision_cfg", {}).get("image_size", 224)
-    size = int(size[0] if isinstance(size, list | tuple) else size)
+    size = image_size or int(size[0] if isinstance(size, list | tuple) else size)
     mean, std = tuple(open_clip.OPENAI_DATASET_MEAN), tuple(open_clip.OPENAI_DATASET_STD)
     pp = cfg.get("preprocess_cfg") or {}
     mean, std = tuple(pp.get("mean", mean)), tuple(pp.get("std", std))
@@ -106,7 +108,8 @@ def backbone_preprocess(name: str, pretrained: str | None = None) -> tuple[int, 
 
 def frame_norm(job: JobCfg) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(mean, std) that :func:`model_frames` normalises the job's frames with (the backbone's)."""
-    return backbone_preprocess(job.model.backbone.name, job.model.backbone.pretrained)[1:]
+    return backbone_preprocess(job.model.backbone.name, job.model.backbone.pretrained,
+                                job.model.backbone.image_size)[1:]
 
 
 def model_frames(batch: dict[str, Any], norm: tuple[tuple[float, ...], tuple[float, ...]],
@@ -220,7 +223,8 @@ def _items(job: JobCfg, manifest: Manifest, *, texts: bool, epoch_seed: int) -> 
 
 
 def _decode_kwargs(job: JobCfg, split: str, train: bool) -> dict[str, Any]:
-    size = backbone_preprocess(job.model.backbone.name, job.model.backbone.pretrained)[0]
+    size = backbone_preprocess(job.model.backbone.name, job.model.backbone.pretrained,
+                                job.model.backbone.image_size)[0]
     return {"videos": storage_for(job, videos_uri(job)), "num_frames": job.data.num_frames, "size": size,
             "train": train, "seed": job.run.seed, "split": split,
             "quarantine": storage_for(job, quarantine_uri(job, split))}

@@ -184,7 +184,8 @@ def build_index(model_uri: str, videos_uri: str, *, overrides: list[str] | None 
         return summary
 
     init_ray(job)
-    size, mean, std = backbone_preprocess(job.model.backbone.name, job.model.backbone.pretrained)
+    size, mean, std = backbone_preprocess(job.model.backbone.name, job.model.backbone.pretrained,
+                                job.model.backbone.image_size)
     rows = [{"video_index": np.int64(i), "file": f, "video_id": f, "epoch_seed": np.int64(0),
              "seg_start": np.float64(np.nan), "seg_end": np.float64(np.nan)} for i, f in enumerate(todo)]
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // batch_size + 1, 256)))
