@@ -79,13 +79,22 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
                     {k: report["metrics"][k] for k in METRIC_ORDER if k in report["metrics"]})
         print(f"\n[tvr] 3/3 registered earlier as models:/{reg.get('name')}/{reg.get('version')}")
     else:
-        print_table(f"Test split ({job.data.test_split}) after {job.train.epochs} epochs",
+        print_table(f"Test split ({job.data.test_split}), {selected_words(job, report)}",
                     {k: report["metrics"][k] for k in METRIC_ORDER if k in report["metrics"]})
         print(f"\n[tvr] 3/3 registered models:/{reg.get('name')}/{reg.get('version')} (alias "
               f"{job.tracking.alias} {'moved' if reg.get('promoted') else 'not moved'}: {reg.get('reason')})")
     print(f"[tvr] MLflow: {report['mlflow']}")
     print(f"[tvr] look at it: mlflow ui --backend-store-uri {job.tracking_uri}")
     return 0
+
+
+def selected_words(job, report: dict) -> str:
+    """'epoch 3 of 12 (best validation t2v_R1 41.7)': which weights the test numbers are from."""
+    epoch, val = report.get("selected_epoch"), report.get("val_metrics") or {}
+    metric = job.train.select_metric
+    score = f" {val[metric]:.1f}" if metric in val else ""
+    return (f"epoch {epoch if epoch is None else int(epoch)} of {job.train.epochs} "
+            f"(best validation {metric}{score})")
 
 
 def _new_run(job, args: argparse.Namespace):
@@ -114,7 +123,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if report.get("already_complete"):
         print(f"[tvr] run {job.run.name} is already complete: nothing trained "
               f"(train again: --new or run.name=...; more epochs: a larger train.epochs)")
-    print_table(f"{job.run.name}: test split ({job.data.test_split})",
+    print_table(f"{job.run.name}: test split ({job.data.test_split}), {selected_words(job, report)}",
                 {k: report["metrics"][k] for k in METRIC_ORDER if k in report["metrics"]})
     print(f"[tvr] MLflow: {report['mlflow']}")
     return 0

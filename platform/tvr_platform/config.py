@@ -88,11 +88,18 @@ class TrainCfg:
     gather_with_grad: bool = True
     """Gather features from every worker so negatives span the global batch (open_clip style)."""
     checkpoints_to_keep: int = 2
-    """Ray Train checkpoints kept per run."""
+    """Ray Train checkpoints kept per run: the best by validation ``select_metric`` (plus the latest,
+    always kept for resuming)."""
     max_failures: int = 0
     """Worker-group restarts allowed (Ray Train FailureConfig)."""
     eval_every: int = 1
-    """Evaluate on the test split every N epochs (and after the last)."""
+    """Evaluate on the validation split every N epochs (and after the last); the test split is
+    evaluated once, after training."""
+    select_metric: str = "t2v_R1"
+    """Validation metric that picks the epoch registered and tested (t2v_/v2t_ R1..MnR, or
+    train_loss); ``tvr tune`` sets it to tune.metric."""
+    select_mode: Literal["max", "min"] = "max"
+    """Whether ``select_metric`` is maximised or minimised."""
     max_steps_per_epoch: int = 0
     """Cap on steps per epoch (0 = the whole split), for smoke runs."""
     peak_tflops: float = 0.0
@@ -107,6 +114,12 @@ class TrainCfg:
                     "peak_tflops", "max_failures"):
             if getattr(self, key) < 0:
                 raise ValueError(f"train.{key}={getattr(self, key)} must be >= 0")
+        metrics = [f"{d}_{m}" for d in ("t2v", "v2t") for m in ("R1", "R5", "R10", "MdR", "MnR")] + ["train_loss"]
+        if self.select_metric not in metrics:
+            raise ValueError(f"train.select_metric={self.select_metric!r}: choose one of {metrics}")
+        if self.checkpoints_to_keep < 1 or self.eval_every < 1:
+            raise ValueError("train.checkpoints_to_keep and train.eval_every must be >= 1 (the best epoch's "
+                             "checkpoint is kept for registration)")
         if self.cpus_per_worker <= 0:
             raise ValueError(f"train.cpus_per_worker={self.cpus_per_worker} must be > 0 (e.g. 0.5 or 1)")
 

@@ -65,24 +65,31 @@ def train(job: JobCfg, *, register: bool | None = None, force: bool = False) -> 
     t0 = time.time()
     result = run_training(job)
     wall = time.time() - t0
-    metrics = {k: v for k, v in result.metrics.items() if k in METRIC_ORDER}
+    metrics, val = final_metrics(result)
     tracker = result.tracker
-    # final/* (what Tune and promotion read) and <split>/* (the names `tvr eval` logs too)
-    tracker.log_metrics({f"final/{k}": v for k, v in metrics.items()} | {"final/wall_s": wall}
+    # final/val/* (the selected epoch's validation scores: what Tune ranks and promotion compares),
+    # final/test/* (logged by the workers: that epoch's weights on the test split, once), and
+    # <split>/* (the names `tvr eval` logs too)
+    loss = (result.val_metrics or {}).get("train_loss")
+    tracker.log_metrics({f"final/val/{k}": v for k, v in val.items()} | {"final/wall_s": wall}
+                        | ({"final/train_loss": loss} if loss is not None else {})
                         | {f"{job.data.test_split}/{k}": v for k, v in metrics.items()})
-    report = {"run": job.run.name, "method": job.model.method, "metrics": metrics, "wall_s": wall,
-              "checkpoint": result.checkpoint_path}
+    epoch = (result.selected_epoch if result.selected_epoch is not None else job.train.epochs - 1) + 1
+    report = {"run": job.run.name, "method": job.model.method, "metrics": metrics, "val_metrics": val,
+              "selected_epoch": epoch, "wall_s": wall, "checkpoint": result.checkpoint_path}
     name = job.tracking.registered_model
     if (register is None and name) or register:
         if result.weights_path is None:
             raise RuntimeError("training finished without exported weights; nothing to register")
         name = name or f"tvr-{job.model.method}"
         with logs.captured():  # MLflow prints "Successfully registered model ..." itself
-            version = register_model(job, result.weights_path, tracker.run_id, name=name, metrics=metrics,
+            version = register_model(job, result.weights_path, tracker.run_id, name=name,
+                                     metrics=version_metrics(val, metrics, loss), epoch=epoch,
                                      tags={"git_commit": tracker.client.get_run(tracker.run_id).data.tags.get(
                                          "tvr.git_commit", "unknown")})
         decision = promote(job.tracking_uri, name, version, champion=job.tracking.alias,
-                           chance=split_chance(job, "t2v_R1"), force=force)
+                           metric=job.train.select_metric, mode=job.train.select_mode,
+                           chance=split_chance(job, job.train.select_metric), force=force)
         report["registered"] = {"name": name, "version": version, **decision}
         tracker.set_tags({REGISTERED_TAG: f"{name}/{version}"})
     tracker.log_dict(report, "report/train.json")
@@ -91,6 +98,21 @@ def train(job: JobCfg, *, register: bool | None = None, force: bool = False) -> 
     tracker.terminate("FINISHED")
     report["mlflow"] = tracker.url()
     return report
+
+
+def final_metrics(result) -> tuple[dict[str, float], dict[str, float]]:
+    """(test, validation) scores of a run's selected epoch, in METRIC_ORDER's names."""
+    test = {k: v for k, v in (result.test_metrics or {}).items() if k in METRIC_ORDER}
+    val = {k: v for k, v in (result.val_metrics or {}).items() if k in METRIC_ORDER}
+    return test, val
+
+
+def version_metrics(val: dict[str, float], test: dict[str, float], train_loss: float | None = None
+                    ) -> dict[str, float]:
+    """The metrics a registered version records: ``val/<k>`` (compared at promotion), ``test/<k>``
+    and the selected epoch's ``train_loss``."""
+    return ({f"val/{k}": v for k, v in val.items()} | {f"test/{k}": v for k, v in test.items()}
+            | ({"train_loss": train_loss} if train_loss is not None else {}))
 
 
 def log_learning_curves(job: JobCfg, tracker) -> None:

@@ -67,19 +67,42 @@ def signature():
                           outputs=Schema([TensorSpec(np.dtype("float32"), (-1, -1))]))
 
 
-def version_description(job: JobCfg, metrics: dict[str, float], run_id: str) -> str:
-    """The registered version's description, generated from its run."""
-    from tvr_platform.runs import describe
+SHOWN = ("t2v_R1", "t2v_R5", "t2v_R10", "v2t_R1")
 
-    shown = ", ".join(f"{k} {v:.1f}" for k, v in metrics.items() if k in ("t2v_R1", "t2v_R5", "t2v_R10", "v2t_R1"))
-    return (f"{describe(job)} Trained in MLflow run {run_id}."
-            + (f" Split `{job.data.test_split}`: {shown}." if shown else ""))
+
+def version_description(job: JobCfg, metrics: dict[str, float], run_id: str, epoch: int | None = None) -> str:
+    """The registered version's description, generated from its run: which epoch (chosen on
+    validation), its validation and test scores."""
+    from tvr_platform.runs import describe, validation_words
+
+    def shown(prefix: str) -> str:
+        return ", ".join(f"{k} {metrics[prefix + k]:.1f}" for k in SHOWN if prefix + k in metrics)
+
+    plain = ", ".join(f"{k} {v:.1f}" for k, v in metrics.items() if k in SHOWN)
+    text = f"{describe(job)} Trained in MLflow run {run_id}."
+    if epoch is not None:
+        text += (f" Weights of epoch {epoch} of {job.train.epochs}, the best by validation "
+                 f"{job.train.select_metric} ({validation_words(job)}).")
+    if shown("val/"):
+        text += f" Validation: {shown('val/')}."
+    if shown("test/") or plain:
+        text += f" Split `{job.data.test_split}`: {shown('test/') or plain}."
+    return text
+
+
+def metric_tag(key: str) -> str:
+    """Version tag of a recorded metric: ``val/t2v_R1`` -> ``val.t2v_R1``, ``t2v_R1`` -> ``metric.t2v_R1``."""
+    return key.replace("/", ".") if "/" in key else f"metric.{key}"
 
 
 def register_model(job: JobCfg, weights_path: Path, run_id: str, *, name: str, metrics: dict[str, float],
-                   tags: dict[str, str] | None = None, alias: str | None = None) -> str:
+                   tags: dict[str, str] | None = None, alias: str | None = None, epoch: int | None = None) -> str:
     """Log the model to ``run_id``, register it as a new version of ``name``, tag it, and (if
-    given) point ``alias`` at it. Returns the version number."""
+    given) point ``alias`` at it. Returns the version number.
+
+    ``metrics``: ``val/<k>`` (the selected epoch's validation scores), ``test/<k>`` (its test
+    scores), plain keys for anything else; recorded on the logged model and as version tags
+    (:func:`metric_tag`). ``epoch``: the selected epoch (1-based), tag ``selected_epoch``."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -102,13 +125,16 @@ def register_model(job: JobCfg, weights_path: Path, run_id: str, *, name: str, m
                 registered_model_name=name, signature=signature(),
             )
             if metrics and getattr(info, "model_id", None):  # shown on the model (version) page
-                mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, model_id=info.model_id)
+                # named as the version tags (val.t2v_R1, ...): never the run's own val/... histories
+                mlflow.log_metrics({metric_tag(k): float(v) for k, v in metrics.items()}, model_id=info.model_id)
     version = str(info.registered_model_version)
-    client.update_model_version(name, version, description=version_description(job, metrics, run_id))
+    client.update_model_version(name, version, description=version_description(job, metrics, run_id, epoch))
     all_tags = {"method": job.model.method, "backbone": job.model.backbone.name,
                 "tokenizer": f"open_clip:{job.model.backbone.name}",
                 "context_length": str(method.backbone.context_length),
-                "dataset": redact_text(job.dataset_uri), **{f"metric.{k}": f"{v:.4f}" for k, v in metrics.items()},
+                "dataset": redact_text(job.dataset_uri), **{metric_tag(k): f"{v:.4f}" for k, v in metrics.items()},
+                **({"selected_epoch": str(epoch), "selected_by": f"val.{job.train.select_metric}"}
+                   if epoch is not None else {}),
                 **(tags or {})}
     for k, v in all_tags.items():
         client.set_model_version_tag(name, version, k, str(v))
@@ -121,8 +147,9 @@ def promote(tracking_uri: str, name: str, version: str, *, metric: str = "t2v_R1
             challenger: str = "challenger", champion: str = "champion", chance: float | None = None,
             force: bool = False) -> dict[str, Any]:
     """Point ``challenger`` at ``version``; move ``champion`` too only if it beats ``chance`` (the
-    metric's value for random scores, when given) and the current champion on ``metric`` (version
-    tags ``metric.<metric>``, recorded on the same eval set) -- or ``force``. The returned
+    metric's value for random scores, when given) and the current champion on ``metric`` -- the
+    *validation* value (version tag ``val.<metric>``; ``metric.<metric>`` for versions without one),
+    recorded on the same data (dataset, manifest hash, eval split) -- or ``force``. The returned
     ``reason`` says why champion moved or stayed."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
@@ -130,12 +157,13 @@ def promote(tracking_uri: str, name: str, version: str, *, metric: str = "t2v_R1
     client = MlflowClient(tracking_uri)
     new = client.get_model_version(name, version)
     client.set_registered_model_alias(name, challenger, version)
-    score = float(new.tags[f"metric.{metric}"])
+    key = f"val.{metric}" if f"val.{metric}" in new.tags else f"metric.{metric}"
+    score = float(new.tags[key])
     try:
         current = client.get_model_version_by_alias(name, champion)
     except MlflowException:
         current = None
-    cur_score = float(current.tags.get(f"metric.{metric}", "nan")) if current else None
+    cur_score = float(current.tags.get(key, "nan")) if current else None
     same_eval = current is None or (current.tags.get("dataset") == new.tags.get("dataset") and all(
         current.tags[k] == new.tags[k] for k in ("data_manifest_hash", "eval_split")
         if k in current.tags and k in new.tags))

@@ -20,7 +20,10 @@ COMPLETE_TAG = "tvr.complete"          # "true" once every epoch ran and the fin
 REGISTERED_TAG = "tvr.registered"      # "name/version" registered from this run
 
 
-IDENTITY_KEYS = ("model.method", "model.backbone.name", "model.backbone.pretrained", "data.num_frames")
+IDENTITY_KEYS = ("model.method", "model.backbone.name", "model.backbone.pretrained", "data.num_frames",
+                 "data.val_split", "data.val_fraction", "data.val_seed", "train.select_metric", "train.select_mode")
+"""What a checkpoint's shapes and meaning depend on: the model, and the validation set and metric
+its best epoch was chosen on."""
 
 
 class RunMismatch(ConfigError):
@@ -88,9 +91,10 @@ def completed_report(job: JobCfg, run: Any) -> dict[str, Any]:
     """What ``recipes.train`` returns for a run that is already complete (read from MLflow)."""
     from tvr_platform.tracking import Tracker
 
-    metrics = {k.removeprefix("final/"): v for k, v in run.data.metrics.items()
-               if k.startswith("final/") and k != "final/wall_s"}
+    metrics = {k.removeprefix("final/test/"): v for k, v in run.data.metrics.items() if k.startswith("final/test/")}
+    val = {k.removeprefix("final/val/"): v for k, v in run.data.metrics.items() if k.startswith("final/val/")}
     report: dict[str, Any] = {"run": job.run.name, "method": job.model.method, "metrics": metrics,
+                              "val_metrics": val, "selected_epoch": run.data.metrics.get("final/epoch"),
                               "already_complete": True,
                               "mlflow": Tracker(job.tracking_uri, run.info.run_id).url()}
     registered = run.data.tags.get(REGISTERED_TAG)
@@ -142,9 +146,17 @@ def describe(job: JobCfg) -> str:
     return (f"**{job.model.method}** on `{job.model.backbone.name}`"
             f"{f' (pretrained `{job.model.backbone.pretrained}`)' if job.model.backbone.pretrained else ''}, "
             f"{job.data.num_frames} frames per clip, data `{data}` ({job.data.format} format; train split "
-            f"`{job.data.train_split}`, test split `{job.data.test_split}`), {job.train.epochs} epochs, "
+            f"`{job.data.train_split}`, validation {validation_words(job)}, test split `{job.data.test_split}`), "
+            f"{job.train.epochs} epochs (the best by validation {job.train.select_metric} kept), "
             f"{max(job.train.num_workers, 1)} x {job.data.batch_size} clips per step, {job.train.strategy}"
             f"{f' ZeRO-{job.train.zero_stage}' if job.train.strategy == 'deepspeed' else ''}. Run `{job.run.name}`.")
+
+
+def validation_words(job: JobCfg) -> str:
+    """Where the validation set comes from, in words."""
+    d = job.data
+    return (f"split `{d.val_split}`" if d.val_split else
+            f"{d.val_fraction:.0%} of `{d.train_split}` held out (seed {d.val_seed})")
 
 
 def source_tags(job: JobCfg, argv: list[str] | None = None) -> dict[str, str]:
@@ -183,8 +195,9 @@ def manifest_digest(manifest: Any) -> str:
 
 
 def log_dataset_inputs(tracker: Any, job: JobCfg, manifests: dict[str, Any]) -> None:
-    """``log_input`` of each split (context train / test) as an MLflow dataset named after the data
-    set and split, its source the dataset URI, its digest that of the manifest."""
+    """``log_input`` of each split (context train / validation / test) as an MLflow dataset named
+    after the data set and split (a held-out validation set: ``<split>-held-out``), its source the
+    dataset URI, its digest that of the manifest."""
     import warnings
 
     from mlflow.data.dataset_source_registry import resolve_dataset_source
@@ -197,7 +210,9 @@ def log_dataset_inputs(tracker: Any, job: JobCfg, manifests: dict[str, Any]) -> 
     kind = job.data.format if job.data.root else "synthetic"
     inputs = []
     for context, m in manifests.items():
-        ds = MetaDataset(source=source, name=f"{kind}-{m.split}", digest=manifest_digest(m))
+        held_out = context == "validation" and not job.data.val_split
+        ds = MetaDataset(source=source, name=f"{kind}-{m.split}{'-held-out' if held_out else ''}",
+                         digest=manifest_digest(m))
         inputs.append(DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]))
     tracker.client.log_inputs(tracker.run_id, datasets=inputs)
 
@@ -229,10 +244,12 @@ def chance_level(metric: str, num_videos: int, num_texts: int | None = None) -> 
     return None
 
 
-def split_chance(job: JobCfg, metric: str) -> float | None:
-    """:func:`chance_level` on the job's test split (its manifest; captions per data.eval_captions)."""
-    from tvr_platform.data.pipeline import load_manifest
+def split_chance(job: JobCfg, metric: str, split: str = "val") -> float | None:
+    """:func:`chance_level` on the job's validation (``split='val'``) or test set (its manifest;
+    captions per data.eval_captions)."""
+    from tvr_platform.data.pipeline import load_splits
 
-    m = load_manifest(job, job.data.test_split)
+    _, val, test = load_splits(job)
+    m = val if split == "val" else test
     texts = len(m.video_ids) if job.data.eval_captions == "first" else len(m.captions)
     return chance_level(metric, len(m.video_ids), texts)

@@ -262,14 +262,21 @@ def test_registered_version_has_signature_description_and_metrics(tmp_path):
     method = build_method(job.model.method, job.method_cfg, ClipBackbone(job.model.backbone))
     torch.save(method.state_dict(), tmp_path / "model.pt")
     tracker = start_run(job)
-    version = register_model(job, tmp_path / "model.pt", tracker.run_id, name="sig",
-                             metrics={"t2v_R1": 12.5, "v2t_R1": 10.0})
+    version = register_model(job, tmp_path / "model.pt", tracker.run_id, name="sig", epoch=3,
+                             metrics={"val/t2v_R1": 12.5, "test/t2v_R1": 10.0, "train_loss": 1.5})
     client = MlflowClient(job.tracking_uri)
     mv = client.get_model_version("sig", version)
-    assert mv.description.startswith("**meanp** on `tvr-tiny`") and "t2v_R1 12.5" in mv.description
-    assert tracker.run_id in mv.description
+    assert mv.description.startswith("**meanp** on `tvr-tiny`") and tracker.run_id in mv.description
+    assert "Weights of epoch 3 of 5, the best by validation t2v_R1 (10% of `train` held out (seed 0))" \
+        in mv.description
+    assert "Validation: t2v_R1 12.5." in mv.description and "Split `test`: t2v_R1 10.0." in mv.description
+    assert {k: mv.tags[k] for k in ("val.t2v_R1", "test.t2v_R1", "metric.train_loss", "selected_epoch")} == {
+        "val.t2v_R1": "12.5000", "test.t2v_R1": "10.0000", "metric.train_loss": "1.5000", "selected_epoch": "3"}
     info = mlflow.models.get_model_info(f"models:/sig/{version}")
     assert info.signature.inputs.input_names() == ["text"]
     logged = {m.key: m.value for m in client.get_logged_model(info.model_id).metrics}
-    assert logged == {"t2v_R1": 12.5, "v2t_R1": 10.0}
+    assert logged == {"val.t2v_R1": 12.5, "test.t2v_R1": 10.0, "metric.train_loss": 1.5}
+    # the model's metrics never add points to the run's own histories (val/t2v_R1, train_loss)
+    assert not client.get_metric_history(tracker.run_id, "val/t2v_R1")
+    assert not client.get_metric_history(tracker.run_id, "train_loss")
     tracker.terminate()

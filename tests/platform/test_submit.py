@@ -574,7 +574,7 @@ def test_submitted_training_job_logs_to_mlflow_under_its_ray_job_id(ray_head, sp
     run = client.get_run(printed.group(3))
     assert run.info.experiment_id == printed.group(2) and run.info.status == "FINISHED"
     assert run.data.tags["tvr.ray_job_id"] == job_id and run.data.tags["tvr.run_name"] == "submitted-tiny"
-    assert run.data.params["train.epochs"] == "1" and "final/t2v_R1" in run.data.metrics
+    assert run.data.params["train.epochs"] == "1" and "final/test/t2v_R1" in run.data.metrics
     assert token not in out + err
 
 

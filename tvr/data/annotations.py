@@ -110,13 +110,20 @@ class Manifest:
 
     def head(self, n: int) -> Manifest:
         """The first ``n`` videos and their captions (for smoke runs)."""
-        keep = list(range(min(n, self.num_videos)))
-        caps = [(c, v) for c, v in zip(self.captions, self.caption_video) if v < len(keep)]
-        return Manifest(dataset=self.dataset, split=self.split, video_ids=self.video_ids[:n],
-                        video_files=self.video_files[:n], captions=[c for c, _ in caps],
-                        caption_video=[v for _, v in caps],
-                        segments=None if self.segments is None else self.segments[:n],
-                        quarantine=list(self.quarantine))
+        return self.subset(range(min(n, self.num_videos)))
+
+    def subset(self, indices: Iterable[int], *, quarantine: bool = True) -> Manifest:
+        """The videos ``indices`` (in that order) with every caption of each: a video's captions
+        never end up on two sides. Same ``split`` name (its frame cache serves the subset);
+        ``quarantine``: keep the read-time records (give them to one subset only)."""
+        keep = list(indices)
+        new_index = {old: i for i, old in enumerate(keep)}
+        caps = sorted(((new_index[v], j) for j, v in enumerate(self.caption_video) if v in new_index))
+        return Manifest(dataset=self.dataset, split=self.split, video_ids=[self.video_ids[i] for i in keep],
+                        video_files=[self.video_files[i] for i in keep],
+                        captions=[self.captions[j] for _, j in caps], caption_video=[v for v, _ in caps],
+                        segments=None if self.segments is None else [self.segments[i] for i in keep],
+                        quarantine=list(self.quarantine) if quarantine else [])
 
 
 # -- helpers ------------------------------------------------------------------------------------

@@ -361,7 +361,8 @@ def generate_corpus_captions(job: JobCfg, *, prompt: str | None = None, dataset:
     else:
         from tvr_platform.data.pipeline import load_manifest
 
-        for split in (list(splits or cfg.splits) or [job.data.train_split, job.data.test_split]):
+        for split in (list(splits or cfg.splits) or [job.data.train_split, *filter(None, [job.data.val_split]),
+                                                     job.data.test_split]):
             m = load_manifest(job, split)
             keep = [i for i, v in enumerate(m.video_ids) if v not in done]   # skipped before decoding
             skipped_done += m.num_videos - len(keep)

@@ -113,7 +113,8 @@ def prepare_cache(job: JobCfg, splits: list[str] | None = None) -> dict[str, dic
     from tvr_platform.data.pipeline import _decode_kwargs, decode_num_cpus, load_manifest
 
     out = {}
-    for split in splits or list(dict.fromkeys([job.data.train_split, job.data.test_split])):
+    for split in splits or list(dict.fromkeys([job.data.train_split, *filter(None, [job.data.val_split]),
+                                                 job.data.test_split])):
         manifest = load_manifest(job, split)
         segs = manifest.segments or [None] * manifest.num_videos
         rows = [{"video_index": np.int64(i), "video_id": vid, "file": f, "epoch_seed": np.int64(0),

@@ -51,7 +51,18 @@ class DataCfg:
     train_split: str = "train"
     """Split name used for training (format-specific, e.g. msrvtt: train | train.7k | train.9k)."""
     test_split: str = "test"
-    """Split name used for evaluation."""
+    """Split name of the test set: evaluated once, after training, with the epoch chosen on validation."""
+    val_split: str = ""
+    """Validation set: '' = ``val_fraction`` of the training videos held out (by video: all its
+    captions on one side), or the name of the dataset's own validation split (e.g. msvd/didemo 'val';
+    it must share no video with the train or test split). Every epoch is evaluated on it (``val/*``),
+    the best epoch and Tune trials are chosen on it."""
+    val_fraction: float = 0.1
+    """Share of the training videos held out for validation when ``val_split`` is '' (rounded; at
+    least one video must end up on each side)."""
+    val_seed: int = 0
+    """Seed of the held-out draw (independent of run.seed, so every seed and trial of a study
+    validates on the same videos). The held-out ids are recorded with the run."""
     num_frames: int = 8
     """Frames sampled per clip (T)."""
     batch_size: int = 16
@@ -85,6 +96,12 @@ class DataCfg:
     """Generator settings, used by ``tvr data synth`` and the quickstart."""
 
     def __post_init__(self) -> None:
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction={self.val_fraction} must be in (0, 1): the share of training "
+                             "videos held out for validation (or name a split: data.val_split=val)")
+        if self.val_split and self.val_split in (self.train_split, self.test_split):
+            raise ValueError(f"data.val_split={self.val_split!r} is also the train or test split; name another "
+                             "split, or '' to hold out data.val_fraction of the training videos")
         if self.num_frames < 1:
             raise ValueError("data.num_frames must be >= 1")
         if self.batch_size < 1 or self.eval_batch_size < 1:

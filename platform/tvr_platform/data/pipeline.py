@@ -170,6 +170,54 @@ def load_manifest(job: JobCfg, split: str) -> Manifest:
     return m
 
 
+def holdout_indices(video_ids: list[str], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, validation) indices of ``video_ids``: ``round(fraction * n)`` videos held out, those
+    with the smallest ``sha256(f"{seed}:{video_id}")``. A function of the ids and the seed only (not
+    of the manifest's order, the worker count or run.seed); both lists in manifest order."""
+    import hashlib
+
+    n = len(video_ids)
+    n_val = int(math.floor(fraction * n + 0.5))
+    ranked = sorted(range(n), key=lambda i: hashlib.sha256(f"{seed}:{video_ids[i]}".encode()).hexdigest())
+    held = set(ranked[:n_val])
+    return [i for i in range(n) if i not in held], sorted(held)
+
+
+def load_splits(job: JobCfg) -> tuple[Manifest, Manifest, Manifest]:
+    """(train, validation, test) manifests of the job: validation is ``data.val_split`` when named,
+    else ``data.val_fraction`` of ``data.train_split``'s videos held out (:func:`holdout_indices`,
+    seeded by ``data.val_seed``). Disjoint by video; one line when a side would be empty or a named
+    validation split shares videos with train or test."""
+    train = load_manifest(job, job.data.train_split)
+    test = load_manifest(job, job.data.test_split)
+    d = job.data
+    if d.val_split:
+        val = load_manifest(job, d.val_split)
+        for other, name in ((train, "data.train_split"), (test, "data.test_split")):
+            shared = set(val.video_ids) & set(other.video_ids)
+            if shared:
+                raise ValueError(f"data.val_split={d.val_split!r} shares {len(shared)} video(s) with {name}="
+                                 f"{other.split!r} (e.g. {sorted(shared)[0]}); validation must be held out: set "
+                                 "data.val_split='' to hold out data.val_fraction of the training videos")
+        return train, val, test
+    keep, held = holdout_indices(train.video_ids, d.val_fraction, d.val_seed)
+    if not keep or not held:
+        raise ValueError(f"data.val_fraction={d.val_fraction} of the {train.num_videos} videos of split "
+                         f"{train.split!r} leaves {len(keep)} for training and {len(held)} for validation; "
+                         "each side needs at least one: change data.val_fraction or add videos")
+    return train.subset(keep), train.subset(held, quarantine=False), test
+
+
+def validation_record(job: JobCfg, val: Manifest) -> dict[str, Any]:
+    """What identifies the validation set of a run (written next to it and to MLflow)."""
+    from tvr_platform.runs import manifest_digest
+
+    source = ({"split": job.data.val_split} if job.data.val_split else
+              {"held_out_of": job.data.train_split, "fraction": job.data.val_fraction, "seed": job.data.val_seed})
+    return {**source, "num_videos": val.num_videos, "num_captions": val.num_captions,
+            "digest": manifest_digest(val), "video_ids": list(val.video_ids)}
+
+
 def tokenize_captions(job: JobCfg, manifest: Manifest) -> tuple[torch.Tensor, torch.Tensor]:
     """Evaluation captions: (texts (N_c, L) int64, caption_video (N_c,) long).
 

@@ -97,7 +97,7 @@ def register_backbone(job: JobCfg, checkpoint: Path, run_id: str, metrics: dict[
 def pretrain(job: JobCfg, *, register: bool = True) -> dict[str, Any]:
     """Generate the static set if missing, train (Ray Data + Ray Train), export + register."""
     from tvr_platform import logs
-    from tvr_platform.recipes import METRIC_ORDER, ensure_synthetic
+    from tvr_platform.recipes import ensure_synthetic
     from tvr_platform.train.trainer import run_training
 
     logs.attach(job.work_dir)           # Ray / MLflow output to <work_dir>/logs, as `tvr train`
@@ -110,8 +110,12 @@ def pretrain(job: JobCfg, *, register: bool = True) -> dict[str, Any]:
         checkpoint = export_open_clip(result.weights_path, job.model.backbone.name, job.train.epochs,
                                       result.weights_path.parent / CHECKPOINT)
         check_loads(job.model.backbone.name, checkpoint)
-        metrics = {k: v for k, v in result.metrics.items() if k in METRIC_ORDER}
-        tracker.log_metrics({f"final/{k}": v for k, v in metrics.items()})
+        # test: the selected (best on validation) epoch's weights, scored once by the workers
+        # (final/test/*); final/val/*: that epoch's validation scores
+        from tvr_platform.recipes import final_metrics
+
+        metrics, val = final_metrics(result)
+        tracker.log_metrics({f"final/val/{k}": v for k, v in val.items()})
         report: dict[str, Any] = {"run": job.run.name, "checkpoint": str(checkpoint), "metrics": metrics}
         if register:
             report["registered"] = register_backbone(job, checkpoint, tracker.run_id, metrics)

@@ -92,7 +92,7 @@ def clip_captions(meta: dict, overrides: list[str]) -> dict[str, str]:
     except (ConfigError, StorageError, KeyError, ValueError):
         return {}
     out: dict[str, str] = {}
-    for split in (job.data.train_split, job.data.test_split):
+    for split in (job.data.train_split, *filter(None, [job.data.val_split]), job.data.test_split):
         try:
             m = read_manifest(source, job.data.format, split)
         except (AnnotationError, StorageError, OSError):

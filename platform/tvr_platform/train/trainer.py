@@ -3,6 +3,13 @@
 Resuming: Ray Train V2 resumes a run whose ``RunConfig(storage_path, name)`` already holds
 checkpoints, so rerunning the same ``run.name`` continues from its latest checkpoint; the same
 MLflow run is reopened (found by its ``tvr.run_name`` tag).
+
+Splits: train (less the held-out validation videos), validation (every epoch, ``val/*``) and test
+(once, after training, on the epoch selected by validation: ``final/test/*``), see
+:func:`tvr_platform.data.pipeline.load_splits`. The validation set is recorded with the run
+(``<storage>/runs/<run>/validation.json`` and the MLflow artifact ``data/validation.json``: source,
+seed, digest, video ids; an MLflow dataset input with context ``validation``). The returned weights
+are the selected epoch's (its checkpoint keeps them, see :mod:`tvr_platform.train.worker`).
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from typing import Any
 from tvr_platform.cluster.launch import job_env_var_names
 from tvr_platform.config import JobCfg, job_to_dict, job_to_yaml
 from tvr_platform.tracking import Tracker, start_run
-from tvr_platform.train.worker import EXPORT_FILE
+from tvr_platform.train.worker import EXPORT_FILE, STATE_FILE
 
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
               "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"), "TOKENIZERS_PARALLELISM": "false"}
@@ -25,9 +32,17 @@ WORKER_ENV = {"OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DI
 @dataclass
 class TrainingResult:
     metrics: dict[str, Any]
+    """The latest epoch's report (its validation scores, train_loss, epoch, best_epoch)."""
     checkpoint_path: str
+    """The selected epoch's checkpoint (it holds the exported weights)."""
     weights_path: Path | None
     tracker: Tracker | None
+    val_metrics: dict[str, Any] | None = None
+    """The selected epoch's validation scores (with ``epoch``)."""
+    test_metrics: dict[str, Any] | None = None
+    """Test scores of the selected epoch's weights, evaluated once after training."""
+    selected_epoch: int | None = None
+    """The epoch (0-based) selected by validation train.select_metric."""
 
 
 def init_ray(job: JobCfg) -> None:
@@ -77,16 +92,16 @@ def run_training(job: JobCfg, *, callbacks: list | None = None, tracker: Tracker
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from tvr_platform.data.pipeline import eval_shards, load_manifest, train_dataset, video_dataset
+    from tvr_platform.data.pipeline import eval_shards, load_splits, train_dataset, video_dataset
     from tvr_platform.train.shards import EvalShardsConfig
-    from tvr_platform.train.worker import train_loop_per_worker
+    from tvr_platform.train.worker import SCORE_KEY, train_loop_per_worker
 
-    train_manifest = load_manifest(job, job.data.train_split)
-    test_manifest = load_manifest(job, job.data.test_split)
+    train_manifest, val_manifest, test_manifest = load_splits(job)
     global_batch = job.data.batch_size * max(1, job.train.num_workers)
     if len(train_manifest.video_ids) < global_batch:
         raise ValueError(
-            f"split {job.data.train_split!r} has {len(train_manifest.video_ids)} training clips, fewer than one "
+            f"split {job.data.train_split!r} has {len(train_manifest.video_ids)} training clips (validation held "
+            f"out), fewer than one "
             f"global batch (data.batch_size={job.data.batch_size} x train.num_workers={job.train.num_workers} "
             f"= {global_batch}): zero training steps; lower data.batch_size or add clips")
     init_ray(job)
@@ -96,8 +111,9 @@ def run_training(job: JobCfg, *, callbacks: list | None = None, tracker: Tracker
 
         tracker = start_run(job)
         tracker.log_text(job_to_yaml(job), "config/job.yaml")
-        log_dataset_inputs(tracker, job, {"train": train_manifest, "test": test_manifest})
+        log_dataset_inputs(tracker, job, {"train": train_manifest, "validation": val_manifest, "test": test_manifest})
         print(f"[tvr] MLflow run: {tracker.url()}", flush=True)  # in a submitted job's logs from the start
+    record_validation(job, tracker, val_manifest)
     storage_path, storage_fs = run_storage(job)
     if job.train.num_workers == 0 and storage_fs is None:
         (Path(storage_path) / job.run.name / "local").mkdir(parents=True, exist_ok=True)
@@ -105,7 +121,6 @@ def run_training(job: JobCfg, *, callbacks: list | None = None, tracker: Tracker
         "job": job_to_dict(job),
         "tracker": {"tracking_uri": tracker.tracking_uri, "run_id": tracker.run_id},
         "num_train_videos": len(train_manifest.video_ids),
-        "num_test_videos": len(test_manifest.video_ids),
         "pretrained_path": resolve_pretrained(job),
         # Ray Train local mode does not upload checkpoints: keep them in the run's folder.
         "local_checkpoint_root": (str(Path(storage_path) / job.run.name / "local")
@@ -119,14 +134,18 @@ def run_training(job: JobCfg, *, callbacks: list | None = None, tracker: Tracker
                                      resources_per_worker={"CPU": job.train.cpus_per_worker,
                                                            **({"GPU": 1} if job.train.use_gpu else {})}),
         torch_config=TorchConfig(backend="nccl" if job.train.use_gpu else "gloo", timeout_s=600),
-        # The test split is sharded per rank (every video exactly once, whatever the worker count);
-        # "test" itself is only the name Ray asks for, never executed.
-        datasets={"train": train_dataset(job, train_manifest), "test": video_dataset(job, test_manifest)},
-        dataset_config=EvalShardsConfig(["train"], {"test": eval_shards(
-            job, test_manifest, max(job.train.num_workers, 1))}),
+        # The validation and test splits are sharded per rank (every video exactly once, whatever the
+        # worker count); "val" / "test" themselves are only the names Ray asks for, never executed.
+        datasets={"train": train_dataset(job, train_manifest), "val": video_dataset(job, val_manifest),
+                  "test": video_dataset(job, test_manifest)},
+        dataset_config=EvalShardsConfig(["train"], {name: eval_shards(job, m, max(job.train.num_workers, 1))
+                                                    for name, m in (("val", val_manifest), ("test", test_manifest))}),
         run_config=RunConfig(
             name=job.run.name, storage_path=storage_path, storage_filesystem=storage_fs,
-            checkpoint_config=CheckpointConfig(num_to_keep=job.train.checkpoints_to_keep),
+            # the best epochs by validation are kept (the latest too, always), not only the last ones
+            checkpoint_config=CheckpointConfig(num_to_keep=job.train.checkpoints_to_keep,
+                                               checkpoint_score_attribute=SCORE_KEY,
+                                               checkpoint_score_order=job.train.select_mode),
             failure_config=FailureConfig(max_failures=job.train.max_failures),
             callbacks=callbacks or None,
         ),
@@ -139,17 +158,67 @@ def run_training(job: JobCfg, *, callbacks: list | None = None, tracker: Tracker
         raise
     report_quarantine(job, tracker, train_manifest, test_manifest)
     metrics = dict(result.metrics or {})
-    weights = None
-    if result.checkpoint is not None:
+    selected = metrics.get("best_epoch", -1)
+    checkpoint = selected_checkpoint(result, selected, config["local_checkpoint_root"])
+    weights, val_metrics = None, None
+    if checkpoint is not None:
         local = Path(job.work_dir) / "exports" / job.run.name
         local.mkdir(parents=True, exist_ok=True)
-        with result.checkpoint.as_directory() as d:
+        with checkpoint.as_directory() as d:
             src = Path(d) / EXPORT_FILE
             if src.exists():
                 weights = local / EXPORT_FILE
                 weights.write_bytes(src.read_bytes())
-    return TrainingResult(metrics=metrics, checkpoint_path=result.checkpoint.path if result.checkpoint else "",
-                          weights_path=weights, tracker=tracker)
+            state = Path(d) / STATE_FILE
+            if state.exists():
+                val_metrics = json.loads(state.read_text()).get("metrics")
+    logged = tracker.client.get_run(tracker.run_id).data.metrics
+    test = {k.removeprefix("final/test/"): v for k, v in logged.items() if k.startswith("final/test/")}
+    return TrainingResult(metrics=metrics, checkpoint_path=checkpoint.path if checkpoint else "",
+                          weights_path=weights, tracker=tracker, val_metrics=val_metrics, test_metrics=test or None,
+                          selected_epoch=selected if selected >= 0 else None)
+
+
+def selected_checkpoint(result, epoch: int, local_root: str | None):
+    """The checkpoint of the selected ``epoch`` among those Ray Train kept (the best by validation
+    and the latest); in local mode (nothing uploaded) its directory under ``local_root``. The
+    latest checkpoint when no epoch was selected (a run stopped before its first validation)."""
+    from ray.train import Checkpoint
+
+    if epoch is None or epoch < 0:
+        return result.checkpoint
+    for ckpt, m in result.best_checkpoints or []:
+        if m.get("epoch") == epoch:
+            return ckpt
+    if result.checkpoint is not None and (result.metrics or {}).get("epoch") == epoch:
+        return result.checkpoint
+    if local_root:
+        found = sorted(Path(local_root).glob(f"ckpt-e{epoch}-r0-*"))
+        if found:
+            return Checkpoint.from_directory(str(found[-1]))
+    raise RuntimeError(f"run finished but the checkpoint of its selected epoch {epoch} is not among the kept "
+                       "ones; raise train.checkpoints_to_keep")
+
+
+def record_validation(job: JobCfg, tracker: Tracker, val_manifest) -> dict[str, Any]:
+    """The validation set (source, seed, digest, every video id) next to the run in its storage
+    (``validation.json``) and as the MLflow artifact ``data/validation.json``, and the split sizes
+    as params: anyone can rebuild or audit it. Never fails the run it describes."""
+    import logging
+
+    from tvr_platform.config import join_uri
+    from tvr_platform.data.pipeline import validation_record
+    from tvr_platform.storage import storage_for
+
+    record = validation_record(job, val_manifest)
+    try:
+        blob = json.dumps(record, indent=1).encode()
+        storage_for(job, join_uri(job.storage_uri, "runs", job.run.name)).write_bytes("validation.json", blob)
+        tracker.log_dict(record, "data/validation.json")
+        tracker.set_tags({"tvr.validation": f"{record['num_videos']} videos, digest {record['digest']}"})
+    except Exception as err:  # noqa: BLE001 - a record must not turn a run into a failed one
+        logging.getLogger(__name__).warning("could not record the validation split: %s", err)
+    return record
 
 
 def report_quarantine(job: JobCfg, tracker: Tracker, *manifests) -> int:

@@ -1,7 +1,17 @@
 """``train_loop_per_worker``: what every Ray Train worker runs, top to bottom.
 
 setup (config, seeds, model from the method table, optimiser, strategy, resume)
--> per epoch: train steps (global-batch contrastive loss), evaluation, checkpoint + report.
+-> per epoch: train steps (global-batch contrastive loss), evaluation on the *validation* split,
+   checkpoint + report
+-> after the last epoch: the best epoch by validation (``train.select_metric``; a later epoch wins
+   a tie) is loaded back from its checkpoint and the *test* split is evaluated once, with those
+   weights (``final/test/*``); the test split never influences a choice.
+
+Model selection: every report carries ``selection_score`` (the epoch's validation
+``train.select_metric``, NaN when it was not evaluated) and ``best_epoch`` (the best so far);
+Ray Train keeps the ``train.checkpoints_to_keep`` best checkpoints by that score plus the latest,
+and an epoch that is the best so far writes the exported weights (``model.pt``) into its
+checkpoint, so the best epoch's checkpoint holds what gets registered.
 
 The loop never branches on the method: everything method-specific is behind the method
 interface (encode / similarity / loss / param_groups), reached through ``RetrievalStep``.
@@ -40,6 +50,28 @@ from tvr_platform.train.strategy import (
 
 EXPORT_FILE = "model.pt"
 STATE_FILE = "train_state.json"
+SCORE_KEY = "selection_score"
+SCORE_KEYS = ("t2v_", "v2t_", "num_videos", "num_texts")   # evaluation results (logged as val/..., test/...)
+
+
+def improves(score: float | None, best: float | None, mode: str) -> bool:
+    """Whether an epoch scoring ``score`` becomes the selected epoch over the best so far: strictly
+    better, or equal (the later epoch wins a tie, as Ray Train's checkpoint ranking does). A missing
+    or NaN score (no validation that epoch) never does."""
+    if score is None or score != score:
+        return False
+    if best is None:
+        return True
+    return score >= best if mode == "max" else score <= best
+
+
+def select_epoch(scores: list[tuple[int, float | None]], mode: str) -> int | None:
+    """The epoch :func:`improves` ends on for per-epoch validation ``scores`` [(epoch, score)]."""
+    best, chosen = None, None
+    for epoch, score in scores:
+        if improves(score, best, mode):
+            best, chosen = score, epoch
+    return chosen
 
 
 def seed_everything(seed: int) -> None:
@@ -111,7 +143,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from tvr_platform.data.pipeline import (
         frame_norm,
-        load_manifest,
+        load_splits,
         model_frames,
         pick_captions,
         tokenize_captions,
@@ -147,6 +179,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                torch.bfloat16 if use_bf16 and device.type == "cuda" else None)
 
     start_epoch, global_step = 0, 0
+    best: dict[str, Any] = {"epoch": None, "score": None}   # the selected epoch so far (by validation)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -158,18 +191,42 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if tracker and state_file.exists():
                 log_committed_epoch(tracker, json.loads(state_file.read_text()))
         start_epoch, global_step = client_state["epoch"] + 1, client_state["global_step"]
+        best = dict(client_state.get("best") or best)
+    weights_epoch = start_epoch - 1                       # the epoch whose weights the model holds
+    local_dirs: dict[int, str] = {}                       # local mode: epoch -> its kept checkpoint dir
 
     probe = config.get("probe")  # test hook: the exact next step after a checkpoint, see probe_step
     if probe is not None and checkpoint is not None:
         report_probe(tracker, probe_step(strategy, module, device, job), global_step)
         return
 
-    eval_texts = caption_video = None
     # Under ZeRO-3 every forward is a collective (parameters are fetched from all ranks), so every
     # rank scores; otherwise rank 0 scores alone.
     scorer = rank == 0 or strategy.collective_forward
+    captions: dict[str, Any] = {}                         # split -> (texts, caption_video, num_videos)
     if scorer:
-        eval_texts, caption_video = tokenize_captions(job, load_manifest(job, job.data.test_split))
+        _, val_manifest, test_manifest = load_splits(job)
+        for name, m in (("val", val_manifest), ("test", test_manifest)):
+            captions[name] = (*tokenize_captions(job, m), m.num_videos)
+
+    def score_split(name: str) -> dict[str, Any]:
+        """Embed this rank's shard of ``name`` (val | test), score on the scorer ranks; every rank
+        gets the scores (a collective)."""
+        scores: dict[str, Any] = {}
+        with strategy.eval_module() as eval_module:
+            feats, index = embed_videos(eval_module, ray.train.get_dataset_shard(name).iter_torch_batches(
+                batch_size=job.data.eval_batch_size), device, norm)
+            parts = gather_objects((feats, index))
+            if scorer:
+                texts, caption_video, n_videos = captions[name]
+                video = order_by_index(concat_features([p[0] for p in parts]),
+                                       torch.cat([p[1] for p in parts]), n_videos)
+                text = embed_texts(eval_module, texts, job.data.eval_batch_size, device)
+                scores, _ = evaluate(eval_module, text, video, caption_video, block=job.eval.block_size,
+                                     dsl=job.eval.dsl, sinkhorn_iters=job.eval.sinkhorn_iters, device=device,
+                                     v2t_rank=job.eval.v2t_rank, dsl_v2t=job.eval.dsl_v2t)
+                scores = {**scores, "num_videos": int(sum(len(p[1]) for p in parts)), "num_texts": len(texts)}
+        return gather_objects(scores)[0]
     n_frames = job.data.num_frames
     norm = frame_norm(job)                                  # uint8 frames are normalised on `device`
     flops_per_clip, peak_flops = train_flops_per_clip(method.backbone.clip, n_frames), 0.0
@@ -217,24 +274,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 tracker.log_metrics(metrics, step=global_step)
             t_wait = time.perf_counter()
 
-        # -- evaluation (every rank embeds its shard; rank 0 scores, or all ranks under ZeRO-3) ----
+        # -- validation (every rank embeds its shard; rank 0 scores, or all ranks under ZeRO-3) ----
         metrics = {"epoch": epoch, "global_step": global_step,
                    "train_loss": float(np.mean(losses)) if losses else float("nan")}
         last = epoch == job.train.epochs - 1
         if last or (epoch + 1) % job.train.eval_every == 0:
-            with strategy.eval_module() as eval_module:
-                feats, index = embed_videos(eval_module, ray.train.get_dataset_shard("test").iter_torch_batches(
-                    batch_size=job.data.eval_batch_size), device, norm)
-                parts = gather_objects((feats, index))
-                if scorer:
-                    video = order_by_index(concat_features([p[0] for p in parts]),
-                                           torch.cat([p[1] for p in parts]), config["num_test_videos"])
-                    text = embed_texts(eval_module, eval_texts, job.data.eval_batch_size, device)
-                    scores, _ = evaluate(eval_module, text, video, caption_video, block=job.eval.block_size,
-                                         dsl=job.eval.dsl, sinkhorn_iters=job.eval.sinkhorn_iters, device=device,
-                                         v2t_rank=job.eval.v2t_rank, dsl_v2t=job.eval.dsl_v2t)
-                    metrics.update(scores)
-            metrics = gather_objects(metrics)[0]
+            metrics.update(score_split("val"))
+        metrics = gather_objects(metrics)[0]               # rank 0's values on every rank: one decision
+        score = metrics.get(job.train.select_metric)
+        forced = config.get("select_scores")  # test hook: per-epoch validation scores, to pick a non-last epoch
+        if forced is not None and epoch < len(forced):
+            score = forced[epoch]
+        improved = improves(score, best["score"], job.train.select_mode)
+        if improved:
+            best = {"epoch": epoch, "score": float(score)}
+        metrics[SCORE_KEY] = float("nan") if score is None else float(score)
+        metrics["best_epoch"] = -1 if best["epoch"] is None else best["epoch"]
+        weights_epoch = epoch
         if rank == 0:
             print(epoch_line(epoch, job.train.epochs, global_step, metrics, len(losses) * job.data.batch_size
                              * world_size / max(time.perf_counter() - t_epoch, 1e-9),
@@ -245,9 +301,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # (train.num_workers=0) nothing is uploaded, so the directory is kept under the work dir.
         tmp = tempfile.mkdtemp(prefix=f"ckpt-e{epoch}-r{rank}-", dir=config.get("local_checkpoint_root"))
         d = Path(tmp)
-        strategy.save(d, {"epoch": epoch, "global_step": global_step})
+        strategy.save(d, {"epoch": epoch, "global_step": global_step, "best": best})
         torch.save({"torch": torch.get_rng_state()}, d / f"rng_rank{rank}.pt")
-        if last:
+        if improved or (last and best["epoch"] is None):   # the selected epoch's checkpoint holds its weights
             state = strategy.export_state_dict(d)
             if state is not None:
                 prefix = "method."
@@ -263,6 +319,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                          checkpoint_dir_name=f"epoch={epoch:04d}")
         if not config.get("local_checkpoint_root"):
             shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            local_dirs[epoch] = tmp
         if rank == 0 and crash.get("epoch") == epoch and crash.get("when") == "after_report":
             time.sleep(2.0)
             raise RuntimeError(f"injected crash after the epoch-{epoch} report")
@@ -273,21 +331,50 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             report_probe(tracker, probe_step(strategy, module, device, job), global_step)
             return
 
+    # -- test, once: the selected epoch's weights ---------------------------------------------
+    if best["epoch"] is not None and best["epoch"] != weights_epoch:
+        load_selected(strategy, best["epoch"], local_dirs)
+    test = score_split("test")
+    if tracker:
+        tracker.log_metrics({**{f"final/test/{k}": v for k, v in test.items()},
+                             "final/epoch": (best["epoch"] if best["epoch"] is not None else weights_epoch) + 1},
+                            step=global_step)
+
+
+def load_selected(strategy, epoch: int, local_dirs: dict[int, str]) -> None:
+    """Load the checkpoint of ``epoch`` (the selected one, which Ray Train keeps by its score) into
+    ``strategy`` on every rank: from the run's storage, or the kept local directory in local mode."""
+    import ray.train
+
+    if epoch in local_dirs:
+        strategy.load(Path(local_dirs[epoch]))
+        return
+    for reported in ray.train.get_all_reported_checkpoints():
+        if reported.metrics.get("epoch") == epoch:
+            with reported.checkpoint.as_directory() as d:
+                strategy.load(Path(d))
+            return
+    raise RuntimeError(f"the checkpoint of the selected epoch {epoch} is gone from the run's storage; "
+                       "keep it: train.checkpoints_to_keep >= 1 keeps the best by validation")
+
 
 def epoch_line(epoch: int, epochs: int, step: int, metrics: dict[str, Any], samples_per_s: float,
                epoch_s: float) -> str:
     """The one line per epoch rank 0 prints (the CLI shows ``[tvr]`` lines, Ray's go to a file)."""
     left = int(round(epoch_s * (epochs - epoch - 1)))
     val = f"  val t2v_R1 {metrics['t2v_R1']:.1f}" if "t2v_R1" in metrics else ""
+    if metrics.get("best_epoch", -1) >= 0 and "t2v_R1" in metrics:
+        val += f" (best epoch {metrics['best_epoch'] + 1})"
     return (f"[tvr] epoch {epoch + 1}/{epochs}  step {step}  loss {metrics['train_loss']:.4f}{val}  "
             f"{samples_per_s:.1f} samples/s  ETA {left // 60}m{left % 60:02d}s")
 
 
 def log_epoch(tracker, metrics: dict[str, Any], step: int) -> None:
-    """An epoch's metrics to MLflow (rank 0), evaluation scores under ``val/``."""
+    """An epoch's metrics to MLflow (rank 0), validation scores under ``val/`` (``val/num_videos``:
+    how many videos were scored)."""
     if tracker:
-        tracker.log_metrics({f"val/{k}" if k.startswith(("t2v_", "v2t_")) else k: v
-                             for k, v in metrics.items()}, step=step)
+        tracker.log_metrics({f"val/{k}" if k.startswith(SCORE_KEYS) else k: v
+                             for k, v in metrics.items() if v == v or k != SCORE_KEY}, step=step)
 
 
 def log_committed_epoch(tracker, state: dict[str, Any]) -> None:

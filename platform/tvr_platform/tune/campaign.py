@@ -75,6 +75,8 @@ def trial_job(base: JobCfg, space: SearchSpace, config: dict[str, Any], trial_id
     (a deterministic name, so a retried trial resumes its Ray Train run)."""
     job = apply_values(base, space.trial_values(config))
     job.run.name = f"{campaign_name(base)}-{trial_id}"
+    # the trial's epoch is chosen on what the campaign ranks trials by (validation, never test)
+    job.train.select_metric, job.train.select_mode = base.tune.metric, base.tune.mode
     return job
 
 
@@ -98,11 +100,18 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], space: SearchSpac
     from tvr_platform.tune.cleanup import RecordPlacementGroup
 
     result = run_training(job, callbacks=[TuneReportCallback(), RecordPlacementGroup(tracker)], tracker=tracker)
-    metrics = {k: float(v) for k, v in result.metrics.items() if k in VALIDATION_METRICS}
-    tracker.log_metrics({f"final/{k}": v for k, v in metrics.items()})
+    from tvr_platform.recipes import final_metrics
+
+    test, val = final_metrics(result)
+    loss = (result.val_metrics or {}).get("train_loss")
+    # final/val/*: the selected epoch's validation scores (what the campaign ranks and promotes on);
+    # final/test/* were logged by the trial's workers (reported, never used to choose)
+    tracker.log_metrics({f"final/val/{k}": float(v) for k, v in val.items()}
+                        | ({"final/train_loss": float(loss)} if loss is not None else {}))
     tracker.log_dict({"trial_id": trial_id, "run": job.run.name, "method": job.model.method,
-                      "split": job.data.test_split, "values": values, "metrics": metrics,
-                      "checkpoint": result.checkpoint_path}, "report/eval.json")
+                      "selected_epoch": None if result.selected_epoch is None else result.selected_epoch + 1,
+                      "val_metrics": val, "test_split": job.data.test_split, "test_metrics": test,
+                      "values": values, "checkpoint": result.checkpoint_path}, "report/eval.json")
     tracker.set_tags({CHECKPOINT_TAG: result.checkpoint_path})
     _log_learning_curve(tracker, base_job.tune.metric)
     tracker.terminate("FINISHED")
@@ -206,13 +215,12 @@ def run_campaign(job: JobCfg, *, resume: bool = False, retry_errored: bool = Fal
     """Validate, then run (or resume) the campaign and summarise it in the parent MLflow run."""
     from ray import tune
 
-    from tvr_platform.data.pipeline import load_manifest
+    from tvr_platform.data.pipeline import load_splits
     from tvr_platform.tracking import start_run
     from tvr_platform.train.trainer import init_ray
 
     space = check_campaign(job)  # before anything starts
-    load_manifest(job, job.data.train_split)  # the data must be there before trials start
-    load_manifest(job, job.data.test_split)
+    load_splits(job)  # the data (and a non-empty validation hold-out) must be there before trials start
     name = campaign_name(job)
     storage_path, storage_fs = tune_storage(job)
     exp_path = f"{storage_path}/{name}"

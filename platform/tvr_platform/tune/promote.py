@@ -1,9 +1,10 @@
 """Promote a trained run (a campaign's best trial, or any ``tvr train`` run) into the model registry.
 
-The version holds the run's consolidated weights + resolved job spec + tokenizer info and is tagged
-with method, backbone, dataset, eval split, data manifest hash, metric values and git commit.
-``challenger`` always moves to it; ``champion`` only if it beats chance on the metric and the
-current champion on the same evaluation set (same dataset and manifest hash, see
+The version holds the weights of the run's selected epoch (the best by validation) + resolved job
+spec + tokenizer info and is tagged with method, backbone, dataset, eval split, data manifest hash,
+selected epoch, validation (``val.<k>``) and test (``test.<k>``) values and git commit.
+``challenger`` always moves to it; ``champion`` only if it beats chance on the *validation* metric
+and the current champion on the same data (same dataset and manifest hash, see
 ``registry.promote``), or with ``force`` (``tvr registry promote --force``).
 """
 
@@ -21,13 +22,13 @@ MANIFEST_HASH_TAG = "data_manifest_hash"
 
 
 def manifest_hash(job: JobCfg) -> str:
-    """sha256 over the train and test manifests (ids, files, captions): same hash, same data."""
-    from tvr_platform.data.pipeline import load_manifest
+    """sha256 over the train, validation and test manifests (ids, files, captions): same hash, same
+    data, and the same videos to compare validation scores on."""
+    from tvr_platform.data.pipeline import load_splits
 
     h = hashlib.sha256(job.data.format.encode())
-    for split in (job.data.train_split, job.data.test_split):
-        m = load_manifest(job, split)
-        h.update(json.dumps([split, m.video_ids, m.video_files, m.captions, m.caption_video]).encode())
+    for side, m in zip(("train", "val", "test"), load_splits(job), strict=True):
+        h.update(json.dumps([side, m.split, m.video_ids, m.video_files, m.captions, m.caption_video]).encode())
     return h.hexdigest()
 
 
@@ -73,10 +74,18 @@ def promote_run(tracking_uri: str, run_id: str, *, name: str = "", metric: str =
         job = load_stored_job(spec, caller=caller, where=f"MLflow run {run_id}")
         if caller is None:
             job.tracking.uri = tracking_uri
-        metrics = {k.removeprefix("final/"): v for k, v in run.data.metrics.items()
-                   if k.startswith("final/") and k != "final/wall_s"}
-        if metric not in metrics:
-            raise ValueError(f"MLflow run {run_id} has no final/{metric} metric to rank it by")
+        logged = run.data.metrics
+        val = {k.removeprefix("final/val/"): v for k, v in logged.items() if k.startswith("final/val/")}
+        test = {k.removeprefix("final/test/"): v for k, v in logged.items()
+                if k.startswith("final/test/") and not k.startswith("final/test/num_")}
+        ranked = "final/train_loss" if metric == "train_loss" else f"final/val/{metric}"
+        if ranked not in logged:
+            raise ValueError(f"MLflow run {run_id} has no {ranked} metric (its selected epoch's validation "
+                             "score) to rank it by")
+        from tvr_platform.recipes import version_metrics
+
+        metrics = version_metrics(val, test, logged.get("final/train_loss"))
+        epoch = int(logged["final/epoch"]) if "final/epoch" in logged else None
         weights = trial_weights(job, run.data.tags.get(CHECKPOINT_TAG, ""), Path(tmp))
         name = name or job.tracking.registered_model or f"tvr-{job.model.method}"
         tags = {"git_commit": run.data.tags.get("tvr.git_commit", "unknown"), "eval_split": job.data.test_split,
@@ -84,7 +93,7 @@ def promote_run(tracking_uri: str, run_id: str, *, name: str = "", metric: str =
         for key in ("tvr.tune.campaign", "tvr.tune.trial_id"):
             if key in run.data.tags:
                 tags[key.removeprefix("tvr.")] = run.data.tags[key]
-        version = register_model(job, weights, run_id, name=name, metrics=metrics, tags=tags)
+        version = register_model(job, weights, run_id, name=name, metrics=metrics, tags=tags, epoch=epoch)
         chance = split_chance(job, metric)
     # champion moves only above chance (an at-chance best trial is no model) unless forced
     decision = promote(tracking_uri, name, version, metric=metric, mode=mode, chance=chance, force=force)

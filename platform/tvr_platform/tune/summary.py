@@ -26,7 +26,9 @@ def _child_runs(job: JobCfg, campaign: str) -> dict[str, Any]:
 
 
 def trial_rows(grid, job: JobCfg, space) -> list[dict[str, Any]]:
-    """One row per trial, ranked by its last validation ``tune.metric`` (unscored trials last)."""
+    """One row per trial, ranked by its validation ``tune.metric``: a finished trial's selected
+    epoch (``final/val/<metric>``), else its last report (unscored trials last). Test scores are
+    never read here."""
     from tvr_platform.tune.campaign import campaign_name
 
     runs = _child_runs(job, campaign_name(job))
@@ -46,7 +48,11 @@ def trial_rows(grid, job: JobCfg, space) -> list[dict[str, Any]]:
             status = STOPPED
         else:
             status = UNFINISHED
-        rows.append({"trial_id": trial_id, "status": status, "epochs": iters, metric: m.get(metric),
+        value = m.get(metric)
+        if status == FINISHED:
+            final = "final/train_loss" if metric == "train_loss" else f"final/val/{metric}"
+            value = run.data.metrics.get(final, value)
+        rows.append({"trial_id": trial_id, "status": status, "epochs": iters, metric: value,
                      "values": space.trial_values(result.config or {}),
                      "run_id": run.info.run_id if run else None,
                      "error": str(result.error).splitlines()[0] if result.error is not None else None})
