@@ -160,6 +160,18 @@ def _planted_spec(tmp_path: Path) -> Path:
     return spec
 
 
+def test_deepspeed_universal_checkpoints_are_refused(monkeypatch):
+    """DeepSpeed's universal-checkpoint loaders call torch.load past safe_load: never enabled."""
+    from tvr_platform.config import TrainCfg
+    from tvr_platform.train.strategy import DeepSpeedStrategy, deepspeed_config
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    cfg = {**deepspeed_config(TrainCfg(), micro_batch=2, bf16=False), "checkpoint": {"load_universal": True}}
+    assert "checkpoint" not in deepspeed_config(TrainCfg(), micro_batch=2, bf16=False)
+    with pytest.raises(ValueError, match="load_universal is not supported"):
+        DeepSpeedStrategy(torch.nn.Linear(2, 2), None, None, cfg)
+
+
 def test_stored_spec_runs_no_resolver_and_follows_no_place_it_names(tmp_path, monkeypatch):
     from tvr_platform.config import (
         flatten,

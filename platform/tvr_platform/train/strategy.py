@@ -5,9 +5,13 @@ Both expose the same small surface to the loop: ``forward`` (the wrapped Retriev
 ``eval_module()`` (a context giving a plain module with full parameters for evaluation).
 
 Nothing read back from run storage runs code: every checkpoint file is loaded with
-``torch.load(weights_only=True)`` (:func:`safe_load`), DeepSpeed's shards included (its own
-checkpoint engine loads with ``weights_only=False``; :class:`DeepSpeedStrategy` replaces that
-load). A tampered file fails the resume with :class:`UnsafeCheckpointError` instead.
+``torch.load(weights_only=True)`` (:func:`safe_load`), DeepSpeed's shards included:
+:class:`DeepSpeedStrategy` replaces its checkpoint engine's unrestricted load with :func:`safe_load`,
+and every file ``engine.load_checkpoint`` reads (model states, ZeRO optimizer shards) goes through
+that engine. The only DeepSpeed 0.19 loaders that call ``torch.load`` themselves are the universal-
+checkpoint ones (``checkpoint.load_universal``), which :class:`DeepSpeedStrategy` refuses; tvr's
+config (:func:`deepspeed_config`) never enables them. A tampered file fails the resume with
+:class:`UnsafeCheckpointError` instead.
 """
 
 from __future__ import annotations
@@ -219,6 +223,10 @@ class DeepSpeedStrategy:
         """``held_scalars``: the 0-dim parameters :func:`zero3_init` reshaped (ZeRO-3 only)."""
         import deepspeed
 
+        if ds_config.get("checkpoint", {}).get("load_universal"):
+            # DeepSpeed's universal-checkpoint loaders call torch.load themselves, past safe_load.
+            raise ValueError("DeepSpeed checkpoint.load_universal is not supported: its loaders "
+                             "unpickle checkpoint files without weights_only; resume from tvr's own checkpoints")
         self.ds_config = ds_config
         self.stage = ds_config["zero_optimization"]["stage"]
         self.collective_forward = self.stage == 3      # ZeRO-3 gathers parameters in every forward
@@ -230,8 +238,8 @@ class DeepSpeedStrategy:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
             dist_init_required=False)
-        # DeepSpeed's TorchCheckpointEngine.load is torch.load(weights_only=False): every file that
-        # load_checkpoint reads (model states, ZeRO optimizer shards) goes through this instead.
+        # DeepSpeed's TorchCheckpointEngine.load unpickles without restriction; every file that
+        # load_checkpoint reads (model states, ZeRO optimizer shards) goes through safe_load instead.
         allow = deepspeed_safe_globals()
         self.engine.checkpoint_engine.load = (
             lambda path, map_location=None: safe_load(path, map_location, allow))
