@@ -117,13 +117,12 @@ def test_radius_variants_match_reference(backbone_state, variant):
 
 
 # -- training losses --------------------------------------------------------------------------------
-@pytest.mark.parametrize("variant,support_video", [("linear", "text_mean"), ("mean", "paired"),
-                                                   ("scaled_mean", "text_mean")])
-def test_loss_terms_match_reference(backbone_state, variant, support_video):
-    torch.manual_seed(2)
-    m = make_method(backbone_state, radius=variant, num_frames=3, support_video=support_video,
-                    support_weight=0.8).double().eval()
-    randomize_head(m, seed=2)
+def pinned_loss(backbone_state, seed: int, **cfg):
+    """The method's loss on random float64 (t, f) with the training noise ε pinned, and the float64
+    references every loss form shares: (out, B, t as lists, v_{j|i} as pooled[i][j], R, L_s)."""
+    torch.manual_seed(seed)
+    m = make_method(backbone_state, num_frames=3, support_weight=0.8, **cfg).double().eval()
+    randomize_head(m, seed=seed)
     with torch.no_grad():
         m.backbone.logit_scale.fill_(math.log(10.0))
     B, T = 3, 3
@@ -133,11 +132,17 @@ def test_loss_terms_match_reference(backbone_state, variant, support_video):
     m._prior_like = lambda shape, generator=None, device=None: eps.clone()  # pin the training noise
     out = m.loss({"text": t}, {"frames": f})
 
-    pooled = m.pool(t, f).tolist()                                        # v_{j|i} at [i][j]
-    tl = t.tolist()
+    pooled, tl = m.pool(t, f).tolist(), t.tolist()                       # v_{j|i} at [i][j]
     R = [radius_ref(m, [cos_ref(tl[i], f[i, k].tolist()) for k in range(T)]) for i in range(B)]
     t_s = [[tl[i][d] + eps[i, d].item() * R[i][d] for d in range(D)] for i in range(B)]
     L_s = sym_ce_ref([[cos_ref(t_s[i], pooled[i][j]) for j in range(B)] for i in range(B)], 10.0)
+    return out, B, tl, pooled, R, L_s
+
+
+@pytest.mark.parametrize("variant,support_video", [("linear", "text_mean"), ("mean", "paired"),
+                                                   ("scaled_mean", "text_mean")])
+def test_loss_terms_match_reference(backbone_state, variant, support_video):
+    out, B, tl, pooled, R, L_s = pinned_loss(backbone_state, 2, radius=variant, support_video=support_video)
     t_sup = []
     for i in range(B):
         vbar = ([sum(pooled[k][i][d] for k in range(B)) / B for d in range(D)]
@@ -155,21 +160,7 @@ def test_loss_terms_match_reference(backbone_state, variant, support_video):
 
 def test_loss_ablation_ce_plus_s_matches_reference(backbone_state):
     """loss="ce_s" (paper Table 6a, L_ce + L_s): the mean text's X-Pool CE plus the stochastic CE, no support term."""
-    torch.manual_seed(12)
-    m = make_method(backbone_state, num_frames=3, loss="ce_s", support_weight=0.8).double().eval()
-    randomize_head(m, seed=12)
-    with torch.no_grad():
-        m.backbone.logit_scale.fill_(math.log(10.0))
-    B, T = 3, 3
-    t = torch.randn(B, D, dtype=torch.float64)
-    f = torch.randn(B, T, D, dtype=torch.float64)
-    eps = torch.rand(B, D, dtype=torch.float64)
-    m._prior_like = lambda shape, generator=None, device=None: eps.clone()
-    out = m.loss({"text": t}, {"frames": f})
-    pooled, tl = m.pool(t, f).tolist(), t.tolist()
-    R = [radius_ref(m, [cos_ref(tl[i], f[i, k].tolist()) for k in range(T)]) for i in range(B)]
-    t_s = [[tl[i][d] + eps[i, d].item() * R[i][d] for d in range(D)] for i in range(B)]
-    L_s = sym_ce_ref([[cos_ref(t_s[i], pooled[i][j]) for j in range(B)] for i in range(B)], 10.0)
+    out, B, tl, pooled, _, L_s = pinned_loss(backbone_state, 12, loss="ce_s")
     L_ce = sym_ce_ref([[cos_ref(tl[i], pooled[i][j]) for j in range(B)] for i in range(B)], 10.0)
     assert set(out) == {"loss", "loss_ce", "loss_stochastic", "radius_mean"}
     assert out["loss_ce"].item() == pytest.approx(L_ce, rel=1e-10)
