@@ -178,3 +178,13 @@ def test_markdown_table_has_the_per_caption_type_breakdown():
     assert "| method | static R1 | static R5 | temporal R1 | temporal R5 | twin acc |" in table
     sd = statistics.stdev([40.0, 50.0])
     assert f"| X-Pool | 45.0 ± {sd:.1f} | 80.0 ± 0.0 | 15.0 ± {sd:.1f} | 30.0 ± 0.0 | 50.0 ± 0.0 |" in table
+
+
+def test_global_text_embedding_reads_a_wrapped_ucofia_sentence():
+    """ExCae over UCoFIA names its text feature base.sentence: the two-stage row of the benchmark
+    (and tvr search's coarse stage) read it instead of failing."""
+    from tvr_platform.report.core import global_text_embedding
+
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+    out = global_text_embedding({"base.sentence": x, "base.words": torch.randn(3, 4, 8), "base.word_mask": torch.ones(3, 4)})
+    assert torch.allclose(out, torch.nn.functional.normalize(x, dim=-1))

@@ -40,7 +40,7 @@ BUDGET = [
     "model.backbone.name=tvr-tiny", "data.synth.num_clips=96", "data.synth.seconds=1.0", "data.synth.size=32",
     "data.synth.captions=mixed", "data.num_frames=4", "data.batch_size=16", "data.eval_batch_size=16",
     "data.decode_concurrency=1", "data.decode_num_cpus=0.5", "train.num_workers=0", "train.cpus_per_worker=1",
-    "train.epochs=15", "train.lr=3e-4", "train.backbone_lr=3e-4", "train.warmup_steps=2", "train.weight_decay=0.05",
+    "train.epochs=8", "train.lr=3e-4", "train.backbone_lr=3e-4", "train.warmup_steps=2", "train.weight_decay=0.05",
 ]
 """The small default budget: runs on a 2-core CPU box (tvr-tiny, 72 train / 24 test clips = 36 / 12
 time-reversed twin pairs, 12 frames a clip, 4 sampled, 15 epochs, ~30 s a run). The learning rates

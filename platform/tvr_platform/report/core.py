@@ -26,7 +26,7 @@ from tvr.metrics import Ranks, retrieval_metrics
 
 REPORT_SCHEMA = "tvr.eval-report/1"
 
-TEXT_KEYS = ("text", "sentence", "base.text")
+TEXT_KEYS = ("text", "sentence", "base.text", "base.sentence")
 """Feature keys holding one global text embedding (N, D), in order of preference."""
 VIDEO_KEYS = ("video", "base.video", "frames", "base.frames", "residual")
 """Feature keys for one video embedding; (N, T, D) per-frame features are mean-pooled."""
