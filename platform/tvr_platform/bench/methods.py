@@ -43,7 +43,7 @@ BUDGET = [
     "train.epochs=8", "train.lr=3e-4", "train.backbone_lr=3e-4", "train.warmup_steps=2", "train.weight_decay=0.05",
 ]
 """The small default budget: runs on a 2-core CPU box (tvr-tiny, 72 train / 24 test clips = 36 / 12
-time-reversed twin pairs, 12 frames a clip, 4 sampled, 15 epochs, ~30 s a run). The learning rates
+time-reversed twin pairs, 12 frames a clip, 4 sampled, 8 epochs = 32 steps). The learning rates
 here are only the fallback; each variant sets its paper's split (``LR_SPLITS``)."""
 
 PRETRAIN_BUDGET = [
@@ -55,7 +55,7 @@ PRETRAIN_BUDGET = [
 """``tvr pretrain`` for the benchmark (jobs/pretrain.yaml + these): 384 train / 128 held-out clips
 of another seed, static captions only, one frame per clip per epoch."""
 
-# Each paper's (head lr, backbone lr), scaled x30 for this ~60-step budget (the papers fine-tune for
+# Each paper's (head lr, backbone lr), scaled x30 for this 32-step budget (the papers fine-tune for
 # thousands of steps): X-Pool and T-MASS 3e-5 / 1e-6 (ratio 30), CLIP4Clip meanP and UCoFIA (built
 # on CLIP4Clip) lr 1e-4 with coef_lr 1e-3 -> backbone 1e-7 (ratio 1000); VoP trains only its
 # prompts (backbone frozen); ExCae follows X-Pool's split.
