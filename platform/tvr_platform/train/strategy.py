@@ -28,6 +28,22 @@ from torch import nn
 from tvr_platform.config import TrainCfg
 
 
+class CallForward:
+    """A module called through ``forward`` (attributes pass through). Under ZeRO-3,
+    ``unwrap_model_for_generation`` keeps the root module's forward pre-hook, whose ``reset_step``
+    is a collective while DeepSpeed re-records its trace: rank 0, scoring alone, would wait there
+    for the other ranks."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module.forward(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.module, name)
+
+
 class UnsafeCheckpointError(RuntimeError):
     """A checkpoint file holds something other than tensors and plain data: refused, not run."""
 
@@ -229,7 +245,6 @@ class DeepSpeedStrategy:
                              "unpickle checkpoint files without weights_only; resume from tvr's own checkpoints")
         self.ds_config = ds_config
         self.stage = ds_config["zero_optimization"]["stage"]
-        self.collective_forward = self.stage == 3      # ZeRO-3 gathers parameters in every forward
         # DeepSpeed 0.19 broadcasts every replicated parameter as p.data.view(torch.uint8), which a
         # 0-dim tensor (CLIP's logit_scale) cannot do. Hold such parameters as shape [1] inside the
         # engine (broadcasting keeps the maths identical) and give them back their shape on export.
@@ -291,10 +306,13 @@ class DeepSpeedStrategy:
     def eval_module(self) -> Iterator[nn.Module]:
         self.engine.eval()
         if self.stage == 3:
-            import deepspeed
+            # DeepSpeed's own context for inference inside a ZeRO-3 engine: every parameter gathered
+            # once, the per-module fetch/release hooks removed (put back on exit). Without it every
+            # forward was a collective, so ranks with uneven evaluation shards hung the run.
+            from deepspeed.runtime.zero import unwrap_model_for_generation
 
-            with deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None):
-                yield self.engine.module
+            with unwrap_model_for_generation(self.engine):
+                yield CallForward(self.engine.module)
         else:
             yield self.engine.module
         self.engine.train()
@@ -310,7 +328,6 @@ class DDPStrategy:
             module, parallel_strategy_kwargs={"find_unused_parameters": True})
         self.optimizer, self.scheduler, self.train_cfg = optimizer, scheduler, train
         self.autocast_dtype = autocast_dtype
-        self.collective_forward = False
         self._micro = 0
 
     def __call__(self, *args, **kwargs):

@@ -202,7 +202,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     # Under ZeRO-3 every forward is a collective (parameters are fetched from all ranks), so every
     # rank scores; otherwise rank 0 scores alone.
-    scorer = rank == 0 or strategy.collective_forward
+    scorer = rank == 0                                    # scores alone (ZeRO-3 too: eval_module has no hooks)
     captions: dict[str, Any] = {}                         # split -> (texts, caption_video, num_videos)
     if scorer:
         _, val_manifest, test_manifest = load_splits(job)
