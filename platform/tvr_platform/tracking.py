@@ -122,6 +122,14 @@ class Tracker:
         self.client.set_terminated(self.run_id, status)
         _OPEN.pop(self.run_id, None)
 
+    def fail(self, status: str = "FAILED") -> None:
+        """End the run as failed (or KILLED) unless another process already ended it: a Tune trial
+        that ASHA stops is marked KILLED by the campaign while its trainer is torn down, and the
+        error that teardown raises here must not turn it into FAILED."""
+        if self.client.get_run(self.run_id).info.status == "RUNNING":
+            self.client.set_terminated(self.run_id, status)
+        _OPEN.pop(self.run_id, None)
+
     def url(self) -> str:
         """The run's page on a tracking server (http[s]), else where to find it in a local store."""
         from tvr_platform.redaction import redact_text

@@ -134,6 +134,34 @@ def test_trial_job_is_the_campaign_job_plus_active_values_under_a_deterministic_
     assert base.run.name == "camp" and base.model.method == "meanp"  # the campaign job is not mutated
 
 
+@pytest.mark.parametrize("trainer_first", [True, False])
+def test_a_stopped_trial_ends_killed_whichever_closes_its_run_first(tmp_path, trainer_first):
+    """ASHA stops a trial: the campaign's callback marks its child run KILLED while the trial's
+    trainer, torn down, may raise and close the run itself (Tracker.fail). Either order: KILLED."""
+    from types import SimpleNamespace
+
+    from tvr_platform.tracking import start_run
+    from tvr_platform.tune.campaign import CAMPAIGN_TAG, TRIAL_ID_TAG, _child_run_closer
+
+    job = load_job(None, tiny_overrides(tmp_path, **{"tracking.experiment": "race", "run.name": "camp-t1"}))
+    tracker = start_run(job)
+    tracker.set_tags({CAMPAIGN_TAG: "camp", TRIAL_ID_TAG: "t1"})
+    closer = _child_run_closer(job.tracking_uri, "race", "camp")
+    if trainer_first:
+        tracker.fail("FAILED")
+    closer.on_trial_complete(0, [], SimpleNamespace(trial_id="t1"))
+    if not trainer_first:
+        tracker.fail("FAILED")
+    run = tracker.client.get_run(tracker.run_id)
+    assert run.info.status == "KILLED" and run.data.tags["tvr.tune.stopped_early"] == "true"
+    # a trial that errored (Tune's on_trial_error) stays FAILED
+    other = start_run(load_job(None, tiny_overrides(tmp_path, **{"tracking.experiment": "race", "run.name": "camp-t2"})))
+    other.set_tags({CAMPAIGN_TAG: "camp", TRIAL_ID_TAG: "t2"})
+    other.fail("FAILED")
+    closer.on_trial_error(0, [], SimpleNamespace(trial_id="t2"))
+    assert other.client.get_run(other.run_id).info.status == "FAILED"
+
+
 @pytest.mark.parametrize("space, extra, needle", [
     ({"train.lrx": "{uniform: [1, 2]}"}, {}, "train.lrx: unknown config key"),
     ({"train.lr": "{uniform: [2.0, 1.0]}"}, {}, "train.lr.uniform: invalid range"),

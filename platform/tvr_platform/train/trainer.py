@@ -154,7 +154,7 @@ def run_training(job: JobCfg, *, callbacks: list | None = None, tracker: Tracker
         result = trainer.fit()
     except BaseException as err:
         report_quarantine(job, tracker, train_manifest, test_manifest)
-        tracker.terminate("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        tracker.fail("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
     report_quarantine(job, tracker, train_manifest, test_manifest)
     metrics = dict(result.metrics or {})

@@ -159,10 +159,14 @@ def _child_run_closer(tracking_uri: str, experiment: str, campaign: str):
                 f"tags.`{TRIAL_ID_TAG}` = '{trial.trial_id}' and tags.`{CAMPAIGN_TAG}` = '{campaign}'"))
             from tvr_platform.tune.cleanup import PLACEMENT_GROUP_TAG, remove_placement_group
 
+            # A stopped trial's trainer may have raised (and closed its run FAILED) while Tune tore
+            # it down: the stop is the truth, so KILLED replaces that FAILED (Tracker.fail keeps a
+            # KILLED that came first).
+            replace = ("RUNNING", "FAILED") if status == "KILLED" else ("RUNNING",)
             for run in runs:
                 if run.data.tags.get(PLACEMENT_GROUP_TAG):
                     remove_placement_group(run.data.tags[PLACEMENT_GROUP_TAG])
-                if run.info.status == "RUNNING":
+                if run.info.status in replace:
                     for k, v in tags.items():
                         client.set_tag(run.info.run_id, k, v)
                     client.set_terminated(run.info.run_id, status)
