@@ -208,6 +208,9 @@ def test_bad_metric_and_schedule_fail_before_any_trial():
 # -- end to end (Ray, 2 CPUs) -------------------------------------------------------------------------
 
 CAMPAIGN = [
+    # one Ray Train worker per trial: the campaign wiring is under test, not data parallelism
+    # (tests/platform/test_train_strategies.py), and each trial starts in about half the time
+    "train.num_workers=1",
     "tune.num_samples=4", "tune.seed=0", "tune.grace_period=1", "tune.promote=true", "tune.name=camp",
     "train.epochs=2", "tracking.registered_model=tiny-tune", "model.tmass.num_frames=2",
     "model.ucofia.topk_samples=20",
@@ -342,7 +345,7 @@ def test_interrupted_campaign_resumes_without_rerunning_finished_trials(tmp_path
 
     overrides = tiny_overrides(tmp_path, **{"tracking.experiment": "tune-resume"}) + [
         *CAMPAIGN[:-1], "tune.num_samples=1", "tune.scheduler=fifo", "tune.promote=false",
-        "tune.search_space={train.lr: {grid: [3.0e-4, 1.0e-3, 3.0e-3]}}"]
+        "tune.search_space={train.lr: {grid: [3.0e-4, 3.0e-3]}}"]
     spec = campaign_spec(tmp_path)
     job = load_job(spec, overrides)
     ensure_synthetic(job)
@@ -362,7 +365,7 @@ def test_interrupted_campaign_resumes_without_rerunning_finished_trials(tmp_path
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=180)
     finished = {r.data.tags[TRIAL_ID_TAG]: r for r in trial_runs() if r.info.status == "FINISHED"}
-    assert finished and len(finished) < 3, out
+    assert finished and len(finished) < 2, out
     assert proc.returncode == 130 and "--resume" in out, out[-3000:]
 
     resumed = tvr("tune", str(spec), *overrides, "--resume")
@@ -372,7 +375,7 @@ def test_interrupted_campaign_resumes_without_rerunning_finished_trials(tmp_path
     by_trial: dict[str, list] = {}
     for r in runs:
         by_trial.setdefault(r.data.tags[TRIAL_ID_TAG], []).append(r)
-    assert len(by_trial) == 3 and all(len(v) == 1 for v in by_trial.values())
+    assert len(by_trial) == 2 and all(len(v) == 1 for v in by_trial.values())
     assert all(r.info.status == "FINISHED" for r in runs)
     for trial_id, before in finished.items():
         after = by_trial[trial_id][0]
