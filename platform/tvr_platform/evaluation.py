@@ -102,6 +102,74 @@ def embed_videos(model: ModelCall, batches: Iterable[dict[str, Tensor]], device:
     return concat_features(feats), torch.cat(index)
 
 
+def embed_actor_options(job: Any, num_videos: int, cluster: dict[str, float] | None = None) -> dict[str, Any]:
+    """Ray Data actor-pool options for embedding videos (``tvr eval``, ``tvr index build``): when
+    the Ray cluster has GPUs (``cluster``: ``ray.cluster_resources()`` unless given) or the job sets
+    ``train.use_gpu``, one GPU per actor and one actor per cluster GPU (at most one per batch of
+    ``data.eval_batch_size`` videos); otherwise one CPU actor holding ``train.cpus_per_worker`` CPUs."""
+    import math
+
+    if cluster is None:
+        import ray
+
+        cluster = ray.cluster_resources()
+    gpus = int(cluster.get("GPU", 0))
+    if job.train.use_gpu or gpus >= 1:
+        batches = max(1, math.ceil(num_videos / max(1, job.data.eval_batch_size)))
+        return {"num_gpus": 1, "num_cpus": min(1.0, job.train.cpus_per_worker), "concurrency": max(1, min(gpus, batches))}
+    return {"num_gpus": 0, "num_cpus": job.train.cpus_per_worker, "concurrency": 1}
+
+
+class EmbedVideos:
+    """Ray Data callable class: evaluation rows (``frames``, ``video_index``, optional
+    ``aux_texts``) -> ``video_index`` + one column ``feat.<key>`` per video feature (float32 on CPU,
+    as :func:`embed_videos` returns them). A GPU actor embeds on its GPU, a CPU actor with as many
+    threads as the CPUs it holds."""
+
+    def __init__(self, *, method: torch.nn.Module, num_cpus: float = 1.0,
+                 norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None):
+        import ray
+
+        from tvr_platform.train.step import RetrievalStep
+
+        gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
+        self.device = torch.device("cuda", 0) if gpu else torch.device("cpu")
+        if not gpu:
+            torch.set_num_threads(max(1, int(num_cpus)))
+        self.model = RetrievalStep(method.eval(), gather=lambda x: x).to(self.device)
+        self.norm = norm                          # uint8 frames are normalised on the actor's device
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        import numpy as np
+
+        tensors = {k: torch.from_numpy(np.ascontiguousarray(batch[k]))
+                   for k in ("frames", "valid", "video_index", "aux_texts") if k in batch}
+        feats, index = embed_videos(self.model, [tensors], self.device, self.norm)
+        return {"video_index": index.numpy(), **{f"feat.{k}": v.numpy() for k, v in feats.items()}}
+
+
+def embed_videos_ray(method: torch.nn.Module, dataset: Any, *, num_videos: int, batch_size: int,
+                     job: Any, norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> Features:
+    """Every video of a Ray Dataset of evaluation rows embedded by a Ray Data actor pool
+    (:class:`EmbedVideos`, options from :func:`embed_actor_options`), gathered on the driver in
+    ``video_index`` order 0..num_videos-1. ``method`` must be on the CPU (it is shipped to the actors)."""
+    import numpy as np
+
+    opts = embed_actor_options(job, num_videos)
+    ds = dataset.map_batches(EmbedVideos, fn_constructor_kwargs={"method": method, "num_cpus": opts["num_cpus"],
+                                                                 "norm": norm},
+                             batch_size=batch_size, batch_format="numpy", concurrency=opts["concurrency"],
+                             num_cpus=opts["num_cpus"], num_gpus=opts["num_gpus"])
+    feats, index = [], []
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        index.append(torch.from_numpy(np.ascontiguousarray(batch["video_index"])).long())
+        feats.append({k[5:]: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()
+                      if k.startswith("feat.")})
+    if not feats:
+        return order_by_index({}, torch.zeros(0, dtype=torch.long), num_videos)
+    return order_by_index(concat_features(feats), torch.cat(index), num_videos)
+
+
 def order_by_index(feats: Features, index: Tensor, n: int) -> Features:
     """Rows gathered from several workers in any order -> rows sorted by index 0..n-1."""
     if index.numel() != n or not torch.equal(torch.sort(index).values, torch.arange(n)):

@@ -181,20 +181,24 @@ def load_eval_target(target: str, overrides: list[str], tracking_uri: str | None
 
 
 def embed_split(job: JobCfg, method: torch.nn.Module, split: str):
-    """Embed every video (Ray Data decoding) and caption of ``split`` -> (text, video, caption_video)."""
+    """Embed every video and caption of ``split`` -> (text, video, caption_video).
+
+    Videos: Ray Data batch inference (decode actors, then :class:`~tvr_platform.evaluation.EmbedVideos`
+    actors: one GPU each when the cluster has GPUs, else one CPU actor). Captions: in the driver,
+    on its first GPU when it has one."""
     from tvr_platform.data.pipeline import frame_norm, load_manifest, tokenize_captions, video_dataset
-    from tvr_platform.evaluation import embed_texts, embed_videos, eval_device, order_by_index
+    from tvr_platform.evaluation import embed_texts, embed_videos_ray, eval_device
     from tvr_platform.train.step import RetrievalStep
     from tvr_platform.train.trainer import init_ray
 
-    device = eval_device()                                   # a GPU of this host when there is one
-    model = RetrievalStep(method, gather=lambda x: x).to(device)
     manifest = load_manifest(job, split)
     init_ray(job)
+    method.cpu()
+    video = embed_videos_ray(method, video_dataset(job, manifest), num_videos=len(manifest.video_ids),
+                             batch_size=job.data.eval_batch_size, job=job, norm=frame_norm(job))
+    device = eval_device()                                   # a GPU of this host when there is one
+    model = RetrievalStep(method, gather=lambda x: x).to(device)
     try:
-        video, index = embed_videos(model, video_dataset(job, manifest).iter_torch_batches(
-            batch_size=job.data.eval_batch_size), device, frame_norm(job))
-        video = order_by_index(video, index, len(manifest.video_ids))
         texts, caption_video = tokenize_captions(job, manifest)
         text = embed_texts(model, texts, job.data.eval_batch_size, device)
     finally:

@@ -23,6 +23,10 @@ class ClusterCfg:
     """GPUs reserved for the job's driver process on submission."""
     entrypoint_num_cpus: float = 1.0
     """CPUs reserved for the job's driver process on submission."""
+    worker_resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources each training worker reserves on top of train.cpus_per_worker / GPU,
+    e.g. {tvr_worker: 1} with one unit per node (``ray start --resources``) to put one worker on
+    each node. Not CPU / GPU / memory (set those with train.*)."""
     env_vars: dict[str, str] = field(default_factory=dict)
     """Extra environment variables for the job's processes (never secrets: use IAM / k8s secrets)."""
     ship_code: bool = True
@@ -36,6 +40,13 @@ class ClusterCfg:
     def __post_init__(self) -> None:
         if self.entrypoint_num_gpus < 0 or self.entrypoint_num_cpus < 0:
             raise ValueError("cluster.entrypoint_num_gpus and cluster.entrypoint_num_cpus must be >= 0")
+        for key, value in self.worker_resources.items():
+            if key in ("CPU", "GPU", "memory", "object_store_memory"):
+                raise ValueError(f"cluster.worker_resources.{key}: set CPUs with train.cpus_per_worker and GPUs "
+                                 "with train.use_gpu; worker_resources is for custom resources only")
+            if not value > 0:
+                raise ValueError(f"cluster.worker_resources.{key}={value} must be > 0 (a quantity the nodes "
+                                 "advertise with ray start --resources)")
         for key, value in self.env_vars.items():
             if SECRET_NAME.search(key) or URI_PASSWORD.search(str(value)):
                 raise ValueError(

@@ -131,8 +131,7 @@ def run_training(job: JobCfg, *, callbacks: list | None = None, tracker: Tracker
         train_loop_per_worker,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=job.train.num_workers, use_gpu=job.train.use_gpu,
-                                     resources_per_worker={"CPU": job.train.cpus_per_worker,
-                                                           **({"GPU": 1} if job.train.use_gpu else {})}),
+                                     resources_per_worker=worker_resources(job)),
         torch_config=TorchConfig(backend="nccl" if job.train.use_gpu else "gloo", timeout_s=600),
         # The validation and test splits are sharded per rank (every video exactly once, whatever the
         # worker count); "val" / "test" themselves are only the names Ray asks for, never executed.
@@ -221,6 +220,13 @@ def record_validation(job: JobCfg, tracker: Tracker, val_manifest) -> dict[str, 
     return record
 
 
+def worker_resources(job: JobCfg) -> dict[str, float]:
+    """What each Ray Train worker reserves: train.cpus_per_worker CPUs, one GPU with
+    train.use_gpu, and cluster.worker_resources (custom resources: which nodes may host it)."""
+    return {"CPU": job.train.cpus_per_worker, **({"GPU": 1} if job.train.use_gpu else {}),
+            **job.cluster.worker_resources}
+
+
 def report_quarantine(job: JobCfg, tracker: Tracker, *manifests) -> int:
     """Every skipped / padded / patched / out-of-root clip and dropped or merged annotation of the
     run: ``<storage>/runs/<run.name>/quarantine.jsonl`` and the run's MLflow artifact
@@ -243,7 +249,8 @@ def report_quarantine(job: JobCfg, tracker: Tracker, *manifests) -> int:
 
 
 def check_cpu_budget(job: JobCfg) -> None:
-    """Ray Data decodes on CPUs the training workers do not hold: fail early, not by deadlock."""
+    """Ray Data decodes on CPUs the training workers do not hold, and every worker's custom
+    resources must exist somewhere: fail early, not by deadlock."""
     import ray
 
     total = ray.cluster_resources().get("CPU", 0)
@@ -253,6 +260,13 @@ def check_cpu_budget(job: JobCfg) -> None:
             f"train.num_workers={job.train.num_workers} x train.cpus_per_worker={job.train.cpus_per_worker} "
             f"reserve {train_cpus:g} of the cluster's {total:g} CPUs, leaving none for Ray Data decoding; "
             "lower train.cpus_per_worker (e.g. 0.5) or add CPUs")
+    for key, value in job.cluster.worker_resources.items():
+        have = ray.cluster_resources().get(key, 0)
+        if have < value * max(job.train.num_workers, 1):
+            raise ValueError(
+                f"cluster.worker_resources.{key}={value:g} x train.num_workers={job.train.num_workers} needs "
+                f"{value * max(job.train.num_workers, 1):g} {key}, the cluster's nodes advertise {have:g}; start "
+                f"the nodes with ray start --resources '{{\"{key}\": ...}}' or lower train.num_workers")
 
 
 def resolve_pretrained(job: JobCfg) -> str | None:

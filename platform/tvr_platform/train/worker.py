@@ -254,6 +254,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                            captions=None if aux is None else aux.to(device))
             if fail_at is not None and rank == 1 and global_step == fail_at and checkpoint is None:
                 raise RuntimeError(f"injected failure at step {global_step} (train_loop_config.fail_at_step)")
+            hold = config.get("hold")  # test hook: every rank waits mid-epoch (first attempt) for a node kill
+            if hold and global_step == hold["step"] and checkpoint is None:
+                hold_here(Path(hold["dir"]), rank, hold.get("seconds", 120.0))
             strategy.backward_step(out["loss"])
             global_step += 1
             t_end = time.perf_counter()
@@ -356,6 +359,16 @@ def load_selected(strategy, epoch: int, local_dirs: dict[int, str]) -> None:
             return
     raise RuntimeError(f"the checkpoint of the selected epoch {epoch} is gone from the run's storage; "
                        "keep it: train.checkpoints_to_keep >= 1 keeps the best by validation")
+
+
+def hold_here(folder: Path, rank: int, seconds: float) -> None:
+    """Test hook: write ``<folder>/rank<r>`` (with this worker's Ray node id) and sleep, so a test can
+    kill a node while every worker is mid-epoch; a worker that outlives the wait carries on."""
+    import ray
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"rank{rank}").write_text(ray.get_runtime_context().get_node_id())
+    time.sleep(seconds)
 
 
 def epoch_line(epoch: int, epochs: int, step: int, metrics: dict[str, Any], samples_per_s: float,
