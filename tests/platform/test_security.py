@@ -304,6 +304,31 @@ def test_more_training_cpus_than_the_cluster_has_is_one_line_before_the_run(monk
         assert f"train.num_workers={workers}" in line and "of the cluster's 2 CPUs" in line and "\n" not in line
 
 
+def test_worker_resources_are_custom_and_must_exist_in_the_cluster(monkeypatch):
+    """cluster.worker_resources: CPU / GPU / memory and non-positive amounts are refused with the
+    key; a custom resource the nodes do not advertise (enough units for every worker) is one line
+    before training starts, not a run waiting forever for its placement group."""
+    import ray
+
+    from tvr_platform.cli import user_error
+    from tvr_platform.config import ConfigError, load_job
+    from tvr_platform.train.trainer import check_cpu_budget, worker_resources
+
+    for bad, needle in (("{CPU: 1}", "worker_resources.CPU"), ("{tvr_worker: 0}", "worker_resources.tvr_worker=0")):
+        with pytest.raises(ConfigError, match=needle):
+            load_job(None, [f"cluster.worker_resources={bad}"])
+    job = load_job(None, ["train.num_workers=2", "train.cpus_per_worker=0.5", "cluster.worker_resources={tvr_worker: 1}"])
+    assert worker_resources(job) == {"CPU": 0.5, "tvr_worker": 1.0}
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0, "tvr_worker": 2.0})
+    check_cpu_budget(job)                                  # one unit per node, one worker per node
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0, "tvr_worker": 1.0})
+    with pytest.raises(ValueError) as err:
+        check_cpu_budget(job)
+    line = user_error(err.value)
+    assert "cluster.worker_resources.tvr_worker=1 x train.num_workers=2" in line and "advertise 1" in line
+    assert "\n" not in line
+
+
 def test_yaml_error_through_the_cli_names_line_and_column(tmp_path, capsys):
     from tvr_platform.cli import main
 
