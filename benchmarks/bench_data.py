@@ -24,6 +24,9 @@ pass so that process / actor start-up is not counted:
   keyframe-aware sampler (:func:`tvr.data.frames.decode_frames`), normalisation
   (:func:`tvr_platform.data.pipeline.model_frames`) -- in one process, no Ray: the decoder's
   per-core ceiling that (c) is measured against (target: (c) per core >= 0.8 x (e));
+- (g) ``torchcodec``: (e) with ``decode_frames(backend="torchcodec")`` (exact seeking, torch
+  bicubic resize), when torchcodec and FFmpeg's shared libraries load (else a line says why);
+  ``data.decoder``'s default is chosen from (e) vs (g);
 - (f) ``train-loop data wait``: ``tvr train`` on the quickstart settings (``jobs/quickstart.yaml``,
   ``--train-epochs`` epochs, every step logged) and, from its MLflow run, the share of step time
   the training loop spent waiting for data (``perf/data_wait_s`` over ``data_wait + compute``),
@@ -144,7 +147,7 @@ def bench_ray(work: Path, root_uri: str, files: list[str], num_frames: int, work
 
 # -- (e) ------------------------------------------------------------------------------------------
 
-def bench_in_process(paths: list[Path], num_frames: int, size: int):
+def bench_in_process(paths: list[Path], num_frames: int, size: int, backend: str = "pyav"):
     """The decode UDF's work per clip in this process: read, sampled decode, normalise."""
     import torch
 
@@ -156,7 +159,7 @@ def bench_in_process(paths: list[Path], num_frames: int, size: int):
     def one_pass() -> int:
         n = 0
         for p in paths:
-            res = decode_frames(p.read_bytes(), num_frames, size=size, mode="uniform")
+            res = decode_frames(p.read_bytes(), num_frames, size=size, mode="uniform", backend=backend)
             n += int(model_frames({"frames": res.frames[None]}, (OPENAI_MEAN, OPENAI_STD), "cpu").shape[0])
         return n
 
@@ -209,7 +212,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=256, help="generated frame width/height")
     ap.add_argument("--frames", type=int, default=12, help="T, sampled frames per clip")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--skip", nargs="*", default=[], choices=["a", "b", "c", "d", "e", "f"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["a", "b", "c", "d", "e", "f", "g"])
     ap.add_argument("--train-epochs", type=int, default=3, help="epochs of the quickstart run of (f)")
     args = ap.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -240,6 +243,15 @@ def main() -> None:
         if "e" not in args.skip:
             n, sec = timed(bench_in_process(paths, T, S))
             add("(e) tvr sampler + normalise, 1 process, local files", n, sec, 1)
+        if "g" not in args.skip:
+            from tvr.data.frames import torchcodec_unavailable_reason
+
+            why = torchcodec_unavailable_reason()
+            if why:
+                print(f"(g) skipped: torchcodec not usable here ({why})")
+            else:
+                n, sec = timed(bench_in_process(paths, T, S, "torchcodec"))
+                add("(g) torchcodec backend + normalise, 1 process, local files", n, sec, 1)
         if "c" in args.skip and "d" in args.skip:
             return _print(rows, _train_wait(args, tmp))
         import ray
@@ -295,7 +307,7 @@ def _print(rows, wait: dict[str, float] | None = None) -> None:
     print("\n| mode | clips/s | sampled frames/s | sampled frames/s per core | cores | per core / (e) |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, cps, fps, fpc, cores in rows:
-        ratio = f"{fpc / ceiling:.2f}" if ceiling and name[:3] in ("(b)", "(c)", "(d)") else ""
+        ratio = f"{fpc / ceiling:.2f}" if ceiling and name[:3] in ("(b)", "(c)", "(d)", "(g)") else ""
         print(f"| {name} | {cps:.1f} | {fps:.0f} | {fpc:.0f} | {cores} | {ratio} |")
     by = {r[0][:3]: r[1] for r in rows}
     if "(b)" in by and "(c)" in by:

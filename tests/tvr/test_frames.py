@@ -185,3 +185,60 @@ def test_damaged_middle_still_gives_t_frames_or_a_clear_error():
         return
     assert res.frames.shape == (8, 16, 16, 3)
 
+
+# -- decode backends -------------------------------------------------------------------------------
+
+def test_backend_selection_follows_torchcodec_availability(monkeypatch):
+    from tvr.data import frames as fr
+
+    monkeypatch.setattr(fr, "_TORCHCODEC", ["ImportError: No module named 'torchcodec'"])
+    assert fr.resolve_backend("auto") == "pyav" and fr.resolve_backend("pyav") == "pyav"
+    with pytest.raises(ValueError, match="data.decoder=torchcodec but torchcodec is not usable here.*No module"):
+        fr.resolve_backend("torchcodec")
+    with pytest.raises(ValueError, match="decode backend 'opencv'"):
+        fr.resolve_backend("opencv")
+    _, data = _clip(keyint=6)
+    a, b = decode_frames(data, 5, size=16, backend="auto"), decode_frames(data, 5, size=16)
+    assert np.array_equal(a.frames, b.frames)                                   # auto without it: PyAV
+    monkeypatch.setattr(fr, "_TORCHCODEC", [None])
+    assert fr.resolve_backend("auto") == "torchcodec" and fr.resolve_backend("torchcodec") == "torchcodec"
+    # whatever torchcodec cannot do goes to PyAV: a segment, force_sequential, a failure (same offsets)
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(kwargs)
+        kwargs["rng"].integers(0, 10, 5)                                         # consumes offsets, then fails
+        raise RuntimeError("torchcodec could not open the stream")
+
+    monkeypatch.setattr(fr, "_decode_torchcodec", failing)
+    for kw in ({"segment": (0.0, 1.0)}, {"force_sequential": True}):
+        r = decode_frames(data, 5, size=16, backend="torchcodec", rng=np.random.default_rng(0), **kw)
+        assert r.frames.shape == (5, 16, 16, 3) and not calls
+    r = decode_frames(data, 5, size=16, backend="torchcodec", mode="random", rng=np.random.default_rng(7))
+    ref = decode_frames(data, 5, size=16, mode="random", rng=np.random.default_rng(7))
+    assert len(calls) == 1 and np.array_equal(r.indices, ref.indices) and np.array_equal(r.frames, ref.frames)
+    with pytest.raises(DecodeError, match="not a readable media file"):
+        decode_frames(b"garbage" * 100, 5, backend="torchcodec")                # PyAV's error and reason
+
+
+@pytest.mark.skipif(not __import__("tvr.data.frames", fromlist=["x"]).torchcodec_available(),
+                    reason="torchcodec or FFmpeg's shared libraries not importable here")
+@pytest.mark.parametrize("keyint", [6, None])
+def test_torchcodec_backend_samples_the_same_frames_as_pyav(keyint):
+    """Real clips: the torchcodec backend picks the same frame indices (uniform and seeded random)
+    and, at native size, exactly PyAV's pixels; resized + cropped within a few levels of PyAV's
+    swscale bicubic; padding of short clips is the same."""
+    _, data = _clip(num_frames=36, size=40, keyint=keyint)
+    for mode in ("uniform", "random"):
+        tc = decode_frames(data, 7, mode=mode, rng=np.random.default_rng(3), backend="torchcodec")
+        av_ = decode_frames(data, 7, mode=mode, rng=np.random.default_rng(3))
+        assert np.array_equal(tc.indices, av_.indices) and tc.num_source_frames == av_.num_source_frames == 36
+        assert tc.frames.dtype == np.uint8 and np.array_equal(tc.frames, av_.frames)
+        assert np.array_equal(tc.frames, decode_all(data)[tc.indices])
+    tc = decode_frames(data, 7, size=32, backend="torchcodec")
+    av_ = decode_frames(data, 7, size=32)
+    assert tc.frames.shape == av_.frames.shape == (7, 32, 32, 3)
+    assert np.abs(tc.frames.astype(int) - av_.frames.astype(int)).mean() < 3.0
+    _, short = _clip(num_frames=5)
+    tc, av_ = decode_frames(short, 8, backend="torchcodec"), decode_frames(short, 8)
+    assert tc.padded and tc.indices.tolist() == av_.indices.tolist() and np.array_equal(tc.frames, av_.frames)

@@ -9,6 +9,18 @@ clip is cut into T equal segments ``[k N / T, (k+1) N / T)``;
 A clip with fewer than T frames gives all its frames followed by copies of the last one
 (``DecodeResult.padded`` is True) -- the rule the platform records in its quarantine report.
 
+Backends (``backend=``; the platform's ``data.decoder``): ``"pyav"`` (the default and the
+reference, described below) and ``"torchcodec"`` (:func:`_decode_torchcodec`, PyTorch's maintained
+FFmpeg decoder, used when importable *and* its FFmpeg libraries load; :func:`torchcodec_available`).
+torchcodec seeks exactly to the same frame indices (presentation order, the same
+:func:`sample_indices`), converts at native size (pixels equal to PyAV's) and resizes with
+``torch.nn.functional.interpolate`` (bicubic, antialiased) + the same centre crop: resized pixels
+differ from PyAV's swscale bicubic by a few levels, so it is not the default (the published
+pipelines' pixels are PyAV/FFmpeg's). Whatever torchcodec cannot do -- a segment (``segment=``),
+``force_sequential``, or a stream it fails to open or decode -- goes to PyAV (the fallback), so
+error reporting and the padding / patching rules are always PyAV's. ``"auto"`` = torchcodec when
+available, else PyAV.
+
 Decoding only what is needed: the container is demuxed once (packets only, no decoding) to get
 every frame's timestamp and the keyframes. For each sampled frame the decoder starts at the last
 keyframe at or before it -- jumping over whole GOPs that contain no sampled frame -- and only the
@@ -94,12 +106,60 @@ def _open(data: bytes | io.IOBase):
     return container
 
 
+Backend = Literal["pyav", "torchcodec", "auto"]
+BACKENDS = ("pyav", "torchcodec", "auto")
+_TORCHCODEC: list[str | None] = []                      # [None] usable, [reason] not; [] not probed yet
+
+
+def torchcodec_unavailable_reason() -> str | None:
+    """None when torchcodec imports and its FFmpeg libraries load, else why not (probed once)."""
+    if not _TORCHCODEC:
+        try:
+            from torchcodec.decoders import VideoDecoder  # noqa: F401  (loads libtorchcodec + FFmpeg)
+
+            _TORCHCODEC.append(None)
+        except Exception as err:                          # ImportError, OSError/RuntimeError (no FFmpeg)
+            _TORCHCODEC.append(f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}")
+    return _TORCHCODEC[0]
+
+
+def torchcodec_available() -> bool:
+    return torchcodec_unavailable_reason() is None
+
+
+def resolve_backend(backend: str) -> Literal["pyav", "torchcodec"]:
+    """``"auto"`` -> torchcodec when available else PyAV; ``"torchcodec"`` when it is not
+    available -> :class:`ValueError` naming the reason; unknown names -> :class:`ValueError`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"decode backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if backend == "pyav":
+        return "pyav"
+    reason = torchcodec_unavailable_reason()
+    if backend == "auto":
+        return "pyav" if reason else "torchcodec"
+    if reason:
+        raise ValueError(f"data.decoder=torchcodec but torchcodec is not usable here ({reason}); install "
+                         "torchcodec and FFmpeg's shared libraries (4-8), or set data.decoder=pyav")
+    return "torchcodec"
+
+
 def decode_frames(data: bytes | io.IOBase, num_frames: int, *, size: int | None = None,
                   mode: Literal["uniform", "random"] = "uniform", rng: np.random.Generator | None = None,
-                  segment: tuple[float, float] | None = None, force_sequential: bool = False) -> DecodeResult:
+                  segment: tuple[float, float] | None = None, force_sequential: bool = False,
+                  backend: Backend = "pyav") -> DecodeResult:
     """Sample ``num_frames`` frames of a clip given as bytes (see the module docstring)."""
     if isinstance(data, bytes | bytearray) and len(data) == 0:
         raise DecodeError("empty file (0 bytes)")
+    if resolve_backend(backend) == "torchcodec" and segment is None and not force_sequential:
+        if not isinstance(data, bytes | bytearray | memoryview):
+            data.seek(0)
+            data = data.read()
+        state = rng.bit_generator.state if rng is not None else None
+        try:
+            return _decode_torchcodec(bytes(data), num_frames, size=size, mode=mode, rng=rng)
+        except Exception:                                 # torchcodec cannot open / decode it: PyAV decides
+            if rng is not None:
+                rng.bit_generator.state = state           # the same offsets as a PyAV-only decode
     warnings: list[str] = []
     container = _open(data)
     try:
@@ -141,6 +201,35 @@ def decode_frames(data: bytes | io.IOBase, num_frames: int, *, size: int | None 
                             padded=len(all_pts) < num_frames, method=method, warnings=warnings)
     finally:
         container.close()
+
+
+def _decode_torchcodec(data: bytes, num_frames: int, *, size: int | None,
+                       mode: Literal["uniform", "random"], rng: np.random.Generator | None) -> DecodeResult:
+    """The torchcodec backend: exact seeking to the :func:`sample_indices` frames, native-size RGB,
+    then bicubic (antialiased) resize of the shorter side to ``size`` and the centre crop."""
+    import torch
+    from torchcodec.decoders import VideoDecoder
+
+    dec = VideoDecoder(data, seek_mode="exact", num_ffmpeg_threads=1, dimension_order="NCHW")
+    n = int(dec.metadata.num_frames or 0)
+    idx = sample_indices(n, num_frames, mode=mode, rng=rng)
+    uniq = sorted(set(idx.tolist()))
+    x = dec.get_frames_at(uniq).data                                          # (k, 3, H, W) uint8
+    if size is not None:
+        h, w = x.shape[-2:]
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        if (nh, nw) != (h, w):
+            with torch.no_grad():
+                y = torch.nn.functional.interpolate(x.float(), size=(nh, nw), mode="bicubic",
+                                                    align_corners=False, antialias=True)
+            x = y.round_().clamp_(0, 255).to(torch.uint8)
+        top, left = (nh - size) // 2, (nw - size) // 2
+        x = x[..., top:top + size, left:left + size]
+    frames = x.permute(0, 2, 3, 1).contiguous().numpy()                       # (k, S, S, 3)
+    pos = {f: i for i, f in enumerate(uniq)}
+    return DecodeResult(frames=frames[[pos[i] for i in idx.tolist()]], indices=idx, num_source_frames=n,
+                        padded=n < num_frames, method="index")
 
 
 def _decode_by_index(vs, packets: list, wanted: list[int], size: int | None) -> dict[int, np.ndarray]:

@@ -84,6 +84,12 @@ class DataCfg:
     """JPEG quality of cache_format=jpeg."""
     cache_rows_per_file: int = 64
     """Clips per Parquet shard of the frame cache."""
+    decoder: Literal["pyav", "torchcodec", "auto"] = "pyav"
+    """Video decode backend (``tvr.data.frames``): pyav (the reference: PyAV's keyframe-aware
+    sampler, swscale bicubic resize); torchcodec (exact seeking, torch bicubic resize: pixels
+    within a few levels of PyAV's; needs torchcodec and FFmpeg's shared libraries); auto
+    (torchcodec when usable, else pyav). Segments, and streams torchcodec cannot open, always go
+    through PyAV."""
     decode_concurrency: int = 2
     """Parallel decode tasks in Ray Data."""
     decode_num_cpus: float = 1.0

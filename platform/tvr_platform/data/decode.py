@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from tvr.data.frames import DecodeError, decode_frames
+from tvr.data.frames import DecodeError, decode_frames, resolve_backend
 from tvr_platform.storage import Storage, StorageError, retry_call
 
 log = logging.getLogger(__name__)
@@ -56,9 +56,10 @@ class DecodeClips:
     """
 
     def __init__(self, *, videos: Storage, num_frames: int, size: int, train: bool, seed: int, split: str,
-                 quarantine: Storage | None, raw: bool = False):
+                 quarantine: Storage | None, raw: bool = False, decoder: str = "pyav"):
         self.videos, (self.fs, _) = videos, videos.pyarrow_filesystem()
         self.num_frames, self.size = num_frames, size
+        self.decoder = resolve_backend(decoder)           # data.decoder; fails here, not per clip
         self.train, self.seed, self.split = train, seed, split
         self.quarantine, self.raw = quarantine, raw
 
@@ -96,7 +97,8 @@ class DecodeClips:
             try:
                 data = self._read(rel)
                 res = decode_frames(data, self.num_frames, size=self.size,
-                                    mode="random" if self.train else "uniform", rng=rng, segment=seg)
+                                    mode="random" if self.train else "uniform", rng=rng, segment=seg,
+                                    backend=self.decoder)
             except (DecodeError, FileNotFoundError, StorageError, OSError) as err:
                 reason = f"{type(err).__name__}: {err}"
                 if isinstance(err, FileNotFoundError):

@@ -271,10 +271,13 @@ def _items(job: JobCfg, manifest: Manifest, *, texts: bool, epoch_seed: int) -> 
 
 
 def _decode_kwargs(job: JobCfg, split: str, train: bool) -> dict[str, Any]:
+    from tvr.data.frames import resolve_backend
+
     size = backbone_preprocess(job.model.backbone.name, job.model.backbone.pretrained,
                                 job.model.backbone.image_size)[0]
+    resolve_backend(job.data.decoder)                      # data.decoder=torchcodec where unusable: say so now
     return {"videos": storage_for(job, videos_uri(job)), "num_frames": job.data.num_frames, "size": size,
-            "train": train, "seed": job.run.seed, "split": split,
+            "decoder": job.data.decoder, "train": train, "seed": job.run.seed, "split": split,
             "quarantine": storage_for(job, quarantine_uri(job, split))}
 
 

@@ -190,7 +190,7 @@ def build_index(model_uri: str, videos_uri: str, *, overrides: list[str] | None 
              "seg_start": np.float64(np.nan), "seg_end": np.float64(np.nan)} for i, f in enumerate(todo)]
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // batch_size + 1, 256)))
     ds = ds.map_batches(DecodeClips, fn_constructor_kwargs={
-        "videos": videos, "num_frames": job.data.num_frames, "size": size,
+        "videos": videos, "num_frames": job.data.num_frames, "size": size, "decoder": job.data.decoder,
         "train": False, "seed": job.run.seed, "split": "index", "quarantine": store.child("quarantine")},
         batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=job.data.decode_concurrency),
         num_cpus=job.data.decode_num_cpus)
