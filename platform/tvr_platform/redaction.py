@@ -19,7 +19,9 @@ from typing import Any
 
 MASK = "***"
 # Names (env vars, config keys) that carry credentials.
-SECRET_NAME = re.compile(r"SECRET|PASSWORD|PASSWD|TOKEN(?!IZ)|CREDENTIAL|PRIVATE_KEY|ACCESS_KEY|API_KEY|APIKEY|"
+# TOKEN, but not TOKENIZER(S) or TOKENS (counts such as model.excae.max_text_tokens, whose value
+# 70 was masked everywhere it was printed, and broke resuming a run whose logged spec held "***")
+SECRET_NAME = re.compile(r"SECRET|PASSWORD|PASSWD|TOKEN(?!IZ|S)|CREDENTIAL|PRIVATE_KEY|ACCESS_KEY|API_KEY|APIKEY|"
                          r"SESSION_KEY", re.IGNORECASE)
 # scheme://userinfo@ -- credentials inside a URL (user[:password] before the host).
 URL_USERINFO = re.compile(r"([a-z][a-z0-9+.-]*://)[^/@\s'\"]+@", re.IGNORECASE)

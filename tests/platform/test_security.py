@@ -400,6 +400,11 @@ def test_redaction_by_value():
         assert redact({"cluster": {"env_vars": {"DB_PASSWORD": "x1", "MODE": f"a{PLANTED}"}}, "n": 3}) == \
             {"cluster": {"env_vars": {"DB_PASSWORD": "***", "MODE": "a***"}}, "n": 3}
         assert redact_text("TOKENIZERS_PARALLELISM=false s3://bucket/key") == "TOKENIZERS_PARALLELISM=false s3://bucket/key"
+        # counts named *_tokens are not credentials (max_text_tokens=70 was masked everywhere)
+        spec = {"model": {"excae": {"max_text_tokens": 70, "tokens_per_frame": 4}}, "hf_token": "hf_abcdefgh",
+                "auth": {"Access_Token": "zzzzzzzz"}}
+        assert redact(spec) == {"model": {"excae": {"max_text_tokens": 70, "tokens_per_frame": 4}},
+                                "hf_token": "***", "auth": {"Access_Token": "***"}}
     finally:
         del os.environ["TVR_TEST_API_TOKEN"]
 

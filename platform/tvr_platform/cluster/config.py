@@ -5,10 +5,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-# Environment variable names that carry credentials. They never go into a job spec: on a cluster
-# they come from IAM roles (IRSA) or Kubernetes Secrets mounted into the pods (infra/).
-SECRET_NAME = re.compile(r"SECRET|PASSWORD|PASSWD|TOKEN|CREDENTIAL|PRIVATE_KEY|ACCESS_KEY|API_KEY|SESSION_KEY",
-                         re.IGNORECASE)
+from tvr_platform.redaction import SECRET_NAME
+
+# Environment variable names that carry credentials (SECRET_NAME) never go into a job spec: on a
+# cluster they come from IAM roles (IRSA) or Kubernetes Secrets mounted into the pods (infra/).
 # scheme://user:password@host -- a password inside a URI.
 URI_PASSWORD = re.compile(r"[a-z][a-z0-9+.-]*://[^/@\s:]*:[^/@\s]+@", re.IGNORECASE)
 
