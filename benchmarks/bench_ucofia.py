@@ -5,12 +5,13 @@ Run on demand (not a test):
     .venv/bin/python benchmarks/bench_ucofia.py                       # CPU, default grid
     .venv/bin/python benchmarks/bench_ucofia.py --sizes 256 1024 --chunks 16 64
     .venv/bin/python benchmarks/bench_ucofia.py --device cuda         # GPU (peak = max_memory_allocated)
+    .venv/bin/python benchmarks/bench_ucofia.py --sizes 1024 --chunks 64 --tile-mibs 64 256  # before / after
 
 For every (N texts x N videos, chunk_size) it scores random tvr-tiny-shaped features (D = 32, ctx
 32) with ``UCoFIA.granularity_similarities`` under ``no_grad``: one call covering all N x N pairs,
 tiled internally into chunk x chunk tiles. Each configuration runs in a fresh process, so on CPU
 the peak is the growth of the resident set's high-water mark (``ru_maxrss``) over the process's
-state just before scoring. "unchunked" is the size of a single (N, N, T·K', L') float32 score
+state just before scoring ("RSS before": that state). "unchunked" is the size of a single (N, N, T·K', L') float32 score
 tensor that an untiled implementation would hold (it needs several such temporaries).
 """
 
@@ -23,7 +24,7 @@ import time
 
 
 def _run_one(n: int, chunk: int, frames: int, topk: int, words: int, device: str, threads: int,
-             queue) -> None:
+             queue, tile_mib: int = 0) -> None:
     import torch
     import torch.nn.functional as F
 
@@ -33,7 +34,8 @@ def _run_one(n: int, chunk: int, frames: int, topk: int, words: int, device: str
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     backbone = ClipBackbone(BackboneCfg(name="tvr-tiny"))
-    model = UCoFIA(UCoFIACfg(topk=topk, max_frames=frames, chunk_size=chunk), backbone).eval().to(device)
+    model = UCoFIA(UCoFIACfg(topk=topk, max_frames=frames, chunk_size=chunk,
+                                 tile_mib=tile_mib), backbone).eval().to(device)
     D, L = backbone.embed_dim, backbone.context_length
     N = frames * model.cfg.tokens_per_frame
     lengths = torch.randint(max(2, words // 2), words + 1, (n,))
@@ -66,7 +68,7 @@ def _run_one(n: int, chunk: int, frames: int, topk: int, words: int, device: str
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     assert all(torch.isfinite(s).all() for s in sims.values())
     unchunked = n * n * N * int(lengths.max()) * 4
-    queue.put((seconds, peak, unchunked))
+    queue.put((seconds, peak, unchunked, base))
 
 
 def main() -> None:
@@ -78,6 +80,9 @@ def main() -> None:
     ap.add_argument("--words", type=int, default=20, help="longest caption in tokens (<= ctx 32)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tile-mibs", type=int, nargs="*", default=[64, 256],
+                    help="after: tiles sized from these memory budgets (model.ucofia.tile_mib), "
+                         "preallocated outputs; the --chunks rows are the fixed-size tiles before")
     ap.add_argument("--max-pairs", type=float, default=2e7,
                     help="skip (N, chunk) configurations with N*N above this (CPU time guard)")
     args = ap.parse_args()
@@ -85,21 +90,24 @@ def main() -> None:
     ctx = mp.get_context("spawn")
     print(f"UCoFIA granularity_similarities, tvr-tiny features (D=32), T={args.frames}, "
           f"K'={args.topk + 1}, words<={args.words}, device={args.device}, threads={args.threads}")
-    header = f"{'N_t x N_v':>12} {'chunk':>6} {'seconds':>9} {'pairs/s':>11} {'peak MiB':>9} {'unchunked MiB':>14}"
+    header = (f"{'N_t x N_v':>12} {'tiles':>14} {'seconds':>9} {'pairs/s':>11} {'RSS before MiB':>15} "
+              f"{'peak MiB':>9} {'unchunked MiB':>14}")
     print(header)
     print("-" * len(header))
+    runs = [(c, 0) for c in args.chunks] + [(64, m) for m in args.tile_mibs]
     for n in args.sizes:
-        for chunk in args.chunks:
+        for chunk, mib in runs:
+            label = f"tile_mib={mib}" if mib else f"chunk={chunk}"
             if n * n > args.max_pairs:
-                print(f"{n:>5} x {n:<5} {chunk:>6} {'skipped (--max-pairs)':>33}")
+                print(f"{n:>5} x {n:<5} {label:>14} {'skipped (--max-pairs)':>33}")
                 continue
             queue = ctx.Queue()
             proc = ctx.Process(target=_run_one, args=(n, chunk, args.frames, args.topk, args.words,
-                                                      args.device, args.threads, queue))
+                                                      args.device, args.threads, queue, mib))
             proc.start()
-            seconds, peak, unchunked = queue.get()
+            seconds, peak, unchunked, base = queue.get()
             proc.join()
-            print(f"{n:>5} x {n:<5} {chunk:>6} {seconds:>9.2f} {n * n / seconds:>11.3g} "
+            print(f"{n:>5} x {n:<5} {label:>14} {seconds:>9.2f} {n * n / seconds:>11.3g} {base / 2**20:>15.1f} "
                   f"{peak / 2**20:>9.1f} {unchunked / 2**20:>14.1f}", flush=True)
 
 

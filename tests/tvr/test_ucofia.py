@@ -259,7 +259,7 @@ def test_similarity_matches_reference_formulas(backbone):
             assert got["patch_word"][i, j].item() == pytest.approx(pw, abs=1e-4)
 
 
-def test_blockwise_scores_equal_full_computation(backbone):
+def test_blockwise_scores_equal_full_computation(backbone, monkeypatch):
     full_model = _model(backbone, chunk_size=64)
     _perturb_mats(full_model)
     chunked = _model(backbone, chunk_size=2)
@@ -277,7 +277,20 @@ def test_blockwise_scores_equal_full_computation(backbone):
         block = chunked.similarity({k: x[ts] for k, x in t.items()}, {k: x[vs] for k, x in v.items()})
         torch.testing.assert_close(block, S[ts, vs], rtol=0, atol=1e-6)
         assert torch.equal(full_model.similarity(t, v), S)               # deterministic
+        # tiles sized from a memory budget, written into preallocated outputs: the same scores
+        from tvr.methods import ucofia
 
+        N, L = v["patches"].shape[1], int((t["word_mask"] > 0.5).any(0).nonzero().max()) + 1
+        side = ucofia.tile_side(1, N, L)
+        assert ucofia.TILE_TEMPS * side ** 2 * N * L * 4 <= 2**20 < ucofia.TILE_TEMPS * (side + 1) ** 2 * N * L * 4
+        budgeted = _model(backbone, chunk_size=2, tile_mib=1)
+        budgeted.load_state_dict(full_model.state_dict())
+        for temps in (ucofia.TILE_TEMPS, 10**9):                          # one tile for all / 1 x 1 tiles
+            monkeypatch.setattr(ucofia, "TILE_TEMPS", temps)
+            got = budgeted.granularity_similarities(t, v)
+            for g in GRANULARITIES:
+                torch.testing.assert_close(got[g], full[g], rtol=0, atol=1e-6)
+        assert ucofia.tile_side(1, N, L) == 1
 
 def test_word_padding_is_ignored(backbone):
     model = _model(backbone)

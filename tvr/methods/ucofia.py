@@ -154,11 +154,18 @@ class UCoFIACfg:
     """SK iterations applied by :meth:`UCoFIA.combine` at full evaluation (official 4); 0 = off."""
     chunk_size: int = 64
     """Texts and videos per tile of the fine-grained scoring (memory ~ chunk² · N · L floats)."""
+    tile_mib: int = 0
+    """Inference only (no grad): 0 = tiles of ``chunk_size``; > 0 = the tile side chosen so that a
+    tile's working set (``TILE_TEMPS`` (side, side, N, L') float tensors) fits this many MiB
+    (:func:`tile_side`), and the tiles write into preallocated (N_t, N_v) outputs. Scores are the
+    same to float rounding (every pair is scored independently)."""
     checkpoint_tiles: bool = False
     """In training, recompute every tile in backward (torch.utils.checkpoint): activation memory of
     the fine-grained part drops from O(B² · N · L) to O(chunk² · N · L) for ~1.3x its compute."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.tile_mib, bool) or not isinstance(self.tile_mib, int) or self.tile_mib < 0:
+            raise ValueError(f"model.ucofia.tile_mib must be an integer >= 0, got {self.tile_mib!r}")
         for name in ("topk", "max_frames", "topk_samples", "chunk_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -185,6 +192,19 @@ class UCoFIACfg:
     def tokens_per_frame(self) -> int:
         """K' = K (+1 with the frame CLS)."""
         return self.topk + int(self.keep_cls_token)
+
+
+TILE_TEMPS = 4
+"""(a, b, N, L') float tensors alive at once in one fine-grained tile (the einsum result, the ISA
+logits / softmax / mixed temporaries, the transposed copy of the column path), an estimate used
+by :func:`tile_side`; ``benchmarks/bench_ucofia.py`` reports the measured peak."""
+
+
+def tile_side(tile_mib: int, tokens: int, words: int, bytes_per: int = 4) -> int:
+    """Largest tile side s (texts = videos = s) with ``TILE_TEMPS · s² · tokens · words · bytes``
+    within ``tile_mib`` MiB (at least 1)."""
+    per_pair = TILE_TEMPS * tokens * max(words, 1) * bytes_per
+    return max(1, int((tile_mib * 2**20 / per_pair) ** 0.5))
 
 
 # -- Interactive Similarity Aggregation ----------------------------------------------------------
@@ -445,6 +465,20 @@ class UCoFIA(nn.Module):
         frames = video["frames"]                                                 # (Nv, T, D)
         s_vs = (s @ self.sentence_mat) @ (video["video"] @ self.video_mat).t()   # (Nt, Nv)
         n_t, n_v, step = s.shape[0], frames.shape[0], self.cfg.chunk_size
+        if self.cfg.tile_mib and not torch.is_grad_enabled():            # bounded by a memory budget
+            step = tile_side(self.cfg.tile_mib, patches.shape[1], L, patches.element_size())
+            out_fs = s.new_zeros(n_t, n_v)                                       # (Nt, Nv), written in place
+            out_pw = s.new_zeros(n_t, n_v)
+            for i in range(0, n_t, step):
+                ti = slice(i, i + step)
+                for j in range(0, n_v, step):
+                    t_fs, t_pw = self._fine_tile(s[ti], words[ti], mask[ti], frames[j:j + step],
+                                                 patches[j:j + step])
+                    out_fs[ti, j:j + step] = t_fs
+                    out_pw[ti, j:j + step] = t_pw
+                    del t_fs, t_pw
+            out = {"video_sentence": s_vs, "frame_sentence": out_fs, "patch_word": out_pw}
+            return {g: out[g] for g in self.cfg.granularities}
         rows_fs, rows_pw = [], []
         for i in range(0, n_t, step):
             ti = slice(i, i + step)
