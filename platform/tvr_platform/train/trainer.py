@@ -253,7 +253,8 @@ def check_cpu_budget(job: JobCfg) -> None:
     resources must exist somewhere: fail early, not by deadlock."""
     import ray
 
-    total = ray.cluster_resources().get("CPU", 0)
+    cluster = ray.cluster_resources()
+    total = cluster.get("CPU", 0)
     train_cpus = max(job.train.num_workers, 1) * job.train.cpus_per_worker
     if total - train_cpus < min(job.data.decode_num_cpus, 0.5):
         raise ValueError(
@@ -261,11 +262,11 @@ def check_cpu_budget(job: JobCfg) -> None:
             f"reserve {train_cpus:g} of the cluster's {total:g} CPUs, leaving none for Ray Data decoding; "
             "lower train.cpus_per_worker (e.g. 0.5) or add CPUs")
     for key, value in job.cluster.worker_resources.items():
-        have = ray.cluster_resources().get(key, 0)
-        if have < value * max(job.train.num_workers, 1):
+        need, have = value * max(job.train.num_workers, 1), cluster.get(key, 0)
+        if have < need:
             raise ValueError(
                 f"cluster.worker_resources.{key}={value:g} x train.num_workers={job.train.num_workers} needs "
-                f"{value * max(job.train.num_workers, 1):g} {key}, the cluster's nodes advertise {have:g}; start "
+                f"{need:g} {key}, the cluster's nodes advertise {have:g}; start "
                 f"the nodes with ray start --resources '{{\"{key}\": ...}}' or lower train.num_workers")
 
 

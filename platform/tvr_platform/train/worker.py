@@ -200,9 +200,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         report_probe(tracker, probe_step(strategy, module, device, job), global_step)
         return
 
-    # Under ZeRO-3 every forward is a collective (parameters are fetched from all ranks), so every
-    # rank scores; otherwise rank 0 scores alone.
-    scorer = rank == 0                                    # scores alone (ZeRO-3 too: eval_module has no hooks)
+    # Rank 0 scores alone, under ZeRO-3 too: eval_module gathers the weights and runs no
+    # DeepSpeed hooks, so its forwards are not collectives.
+    scorer = rank == 0
     captions: dict[str, Any] = {}                         # split -> (texts, caption_video, num_videos)
     if scorer:
         _, val_manifest, test_manifest = load_splits(job)
